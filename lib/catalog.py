@@ -1,0 +1,47 @@
+"""Every model the container knows: its `model_version` name, its Hugging Face repo, and its folder in weights/.
+
+The one list that the download script, setup() and the `model_version` input all read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the `model_version` value users send (Replicate's meta/musicgen names for MusicGen)
+    repo: str  # Hugging Face repo id
+    engine: str  # which lib engine serves it
+    folder: str  # folder under weights/
+    stereo: bool = False
+    melody: bool = False
+    size: str = ""
+
+
+def _musicgen(name: str, size: str, stereo: bool = False, melody: bool = False) -> ModelSpec:
+    return ModelSpec(name=name, repo=f"facebook/musicgen-{name}", engine="musicgen", folder=f"musicgen-{name}",
+                     stereo=stereo, melody=melody, size=size)
+
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in [
+    # Replicate's meta/musicgen default comes first: "auto" picks the first one loaded, in this order.
+    _musicgen("stereo-melody-large", "large", stereo=True, melody=True),
+    _musicgen("stereo-large", "large", stereo=True),
+    _musicgen("melody-large", "large", melody=True),
+    _musicgen("large", "large"),
+    _musicgen("stereo-medium", "medium", stereo=True),
+    _musicgen("medium", "medium"),
+    _musicgen("stereo-melody", "medium", stereo=True, melody=True),
+    _musicgen("melody", "medium", melody=True),
+    _musicgen("stereo-small", "small", stereo=True),
+    _musicgen("small", "small"),
+]}
+
+AUTO = "auto"
+
+
+def by_folder(folder: str) -> ModelSpec | None:
+    return next((m for m in MODELS.values() if m.folder == folder), None)
+
+
+def model_version_choices() -> list[str]:
+    return [AUTO, *MODELS]

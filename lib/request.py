@@ -1,0 +1,152 @@
+"""A prediction request: the raw inputs checked against lib.params, the task derived, the model chosen.
+
+Range checks are repeated here (the HTTP server validates against the OpenAPI schema, but direct calls
+to predict() and `script/predict` without a schema must give the same answers)."""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from lib import catalog
+from lib.errors import UserError
+from lib.params import MUSICGEN_WINDOW_S, PARAMS
+
+
+@dataclass
+class Request:
+    prompt: Optional[str] = PARAMS["prompt"].default
+    input_audio: Optional[Path] = None
+    duration: float = PARAMS["duration"].default
+    continuation: bool = PARAMS["continuation"].default
+    continuation_start: float = PARAMS["continuation_start"].default
+    continuation_end: Optional[float] = PARAMS["continuation_end"].default
+    multi_band_diffusion: bool = PARAMS["multi_band_diffusion"].default
+    normalization_strategy: str = PARAMS["normalization_strategy"].default
+    top_k: int = PARAMS["top_k"].default
+    top_p: float = PARAMS["top_p"].default
+    temperature: float = PARAMS["temperature"].default
+    classifier_free_guidance: float = PARAMS["classifier_free_guidance"].default
+    output_format: str = PARAMS["output_format"].default
+    seed: Optional[int] = PARAMS["seed"].default
+    model_version: str = PARAMS["model_version"].default
+    task: str = PARAMS["task"].default
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_inputs(cls, **inputs: Any) -> "Request":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        unknown = set(inputs) - names
+        if unknown:
+            raise UserError(sorted(unknown)[0], f"unknown input; known inputs are {', '.join(sorted(names))}")
+        return cls(**inputs)
+
+    def is_default(self, name: str) -> bool:
+        return getattr(self, name) == PARAMS[name].default
+
+
+def _check_ranges(req: Request) -> None:
+    for name, p in PARAMS.items():
+        value = getattr(req, name)
+        if value is None or p.type == "path":
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(name, f"must be a finite number, got {value}")
+        if p.choices is not None and value not in p.choices:
+            raise UserError(name, f"must be one of {', '.join(map(str, p.choices))}, got {value!r}")
+        if p.ge is not None and value < p.ge:
+            raise UserError(name, f"must be at least {p.ge:g}, got {value}")
+        if p.le is not None and value > p.le:
+            raise UserError(name, f"must be at most {p.le:g}, got {value}")
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """None or -1 draws a random seed; every other value (0 included) is used as given."""
+    if seed is None or seed == -1:
+        return secrets.randbelow(2**32)
+    return int(seed)
+
+
+def derive_task(req: Request) -> str:
+    if req.task != "auto":
+        return req.task
+    if req.input_audio is None:
+        return "text2music"
+    return "continuation" if req.continuation else "melody"
+
+
+def choose_model(req: Request, task: str, loaded: dict[str, catalog.ModelSpec]) -> catalog.ModelSpec:
+    """The model for this request: the one asked for, or for `auto` the first loaded in catalog order."""
+    if not loaded:
+        raise UserError("model_version", "no model is loaded in this container: see the setup logs")
+    if req.model_version != catalog.AUTO:
+        if req.model_version not in catalog.MODELS:
+            raise UserError("model_version", f"unknown model {req.model_version!r}; known: {', '.join(catalog.MODELS)}")
+        if req.model_version not in loaded:
+            spec = catalog.MODELS[req.model_version]
+            raise UserError("model_version", f"{req.model_version} is not loaded in this container (loaded: "
+                                             f"{', '.join(loaded)}). Fetch it with `script/download-weights "
+                                             f"{spec.name}` and restart, or pick a loaded one.")
+        return loaded[req.model_version]
+    candidates = [m for m in loaded.values() if m.melody] if task == "melody" else list(loaded.values())
+    if not candidates:
+        raise UserError("input_audio", "input_audio without continuation asks to follow its melody, which needs a "
+                                       "melody model, and none is loaded: set continuation=true to continue the "
+                                       "audio instead")
+    order = list(catalog.MODELS)
+    return min(candidates, key=lambda m: order.index(m.name))
+
+
+def check_inputs(req: Request, loaded: dict[str, catalog.ModelSpec]) -> tuple[str, catalog.ModelSpec]:
+    """Validate one request up front, before any model work. Returns (task, model)."""
+    _check_ranges(req)
+    task = derive_task(req)
+    model = choose_model(req, task, loaded)
+    if task in ("melody", "continuation") and req.input_audio is None:
+        raise UserError("input_audio", f"task {task} needs an input_audio")
+    if task == "text2music" and req.input_audio is not None:
+        raise UserError("input_audio", "text2music ignores input_audio: remove it, or set task to melody or "
+                                       "continuation")
+    if task == "melody":
+        if not model.melody:
+            melody_models = [m.name for m in loaded.values() if m.melody]
+            hint = f"use a melody model ({', '.join(melody_models)})" if melody_models else "load a melody model"
+            raise UserError("model_version", f"{model.name} cannot follow a melody: {hint}, or set "
+                                             "continuation=true to continue input_audio instead")
+        if req.continuation:
+            raise UserError("continuation", "task melody follows input_audio's melody; continuation=true asks to "
+                                            "continue it instead: set one or the other")
+    if task != "continuation":
+        for name in ("continuation_start", "continuation_end"):
+            if not req.is_default(name) and not (name == "continuation_end" and req.continuation_end == -1):
+                raise UserError(name, "only used when continuing input_audio (continuation=true)")
+    else:
+        end = req.continuation_end
+        if end is not None and end != -1:
+            if end < 0:
+                raise UserError("continuation_end", f"must be -1 (end of clip) or a time in seconds >= 0, got {end}")
+            if end <= req.continuation_start:
+                raise UserError("continuation_end", f"must be after continuation_start ({req.continuation_start:g} "
+                                                    f"s), got {end:g} s")
+            window = end - req.continuation_start
+            _check_window_fits(window, req.duration)
+    if req.multi_band_diffusion:
+        raise UserError("multi_band_diffusion", "Multi-Band Diffusion decoding is not available yet in this "
+                                                "container: set it to false (EnCodec decoding)")
+    return task, model
+
+
+def _check_window_fits(window_s: float, duration: float) -> None:
+    limit = min(duration, MUSICGEN_WINDOW_S)
+    if window_s >= limit:
+        raise UserError("continuation_end", f"the continued part is {window_s:.2f} s long but must be shorter than "
+                                            f"{limit:g} s (min of duration and {MUSICGEN_WINDOW_S:.0f} s): the "
+                                            "output holds that part followed by new music. Shorten the window or "
+                                            "raise duration.")
+
+
+def check_window_fits(window_s: float, duration: float) -> None:
+    """Called once the clip is decoded, when the window ends at the end of the clip."""
+    _check_window_fits(window_s, duration)

@@ -1,0 +1,38 @@
+"""cog-music: one Predictor, every engine. Inputs are declared in lib/params.py (one source of truth);
+the work is in lib/service.py."""
+from typing import Optional
+
+from cog import BasePredictor, Path
+
+from lib.params import PARAMS as P
+from lib.request import Request
+
+
+class Predictor(BasePredictor):
+    def setup(self, weights: Optional[str] = None) -> None:
+        from lib.service import Service
+
+        self.service = Service(weights_dir=weights)
+
+    def predict(
+        self,
+        prompt: Optional[str] = P["prompt"].input(),
+        input_audio: Optional[Path] = P["input_audio"].input(),
+        duration: float = P["duration"].input(),
+        continuation: bool = P["continuation"].input(),
+        continuation_start: float = P["continuation_start"].input(),
+        continuation_end: Optional[float] = P["continuation_end"].input(),
+        multi_band_diffusion: bool = P["multi_band_diffusion"].input(),
+        normalization_strategy: str = P["normalization_strategy"].input(),
+        top_k: int = P["top_k"].input(),
+        top_p: float = P["top_p"].input(),
+        temperature: float = P["temperature"].input(),
+        classifier_free_guidance: float = P["classifier_free_guidance"].input(),
+        output_format: str = P["output_format"].input(),
+        seed: Optional[int] = P["seed"].input(),
+        model_version: str = P["model_version"].input(),
+        task: str = P["task"].input(),
+    ) -> Path:
+        inputs = dict(locals())
+        inputs.pop("self")
+        return Path(self.service.predict(Request.from_inputs(**inputs)))

@@ -89,6 +89,10 @@ class Service:
         self.weights_dir = Path(weights_dir or os.environ.get("COG_MUSIC_WEIGHTS") or REPO_ROOT / "weights")
         if models is None and os.environ.get("COG_MUSIC_MODELS"):
             models = [m.strip() for m in os.environ["COG_MUSIC_MODELS"].split(",") if m.strip()]
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()  # config nags about pad ids every real checkpoint has
+        transformers.utils.logging.disable_progress_bar()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.specs = resolve_models(self.weights_dir, models)

@@ -1,0 +1,526 @@
+"""Our own MusicGen / MusicGen-melody decoder: static KV cache, CFG as batch 2, GPU sampling, CUDA graphs.
+
+Same contract as `musicgen_codes.reference_generate_codes` (codes (B, K, T0+new_frames), de-delayed, prompt
+codes kept at the front), built from an already-loaded transformers model:
+
+    fast = FastMusicgen(model, device="cuda", dtype=torch.float16)   # copies the decoder weights (fused)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    codes = fast.generate_codes(req, gen)
+
+What is mirrored from transformers (5.17 .. 5.23), step by step:
+- conditioning: T5 last hidden state -> `enc_to_dec_proj` -> * attention_mask; with CFG (scale > 1) the
+  unconditional rows are zeros with a zero mask, so their cross-attention output is exactly 0.
+  Melody: [proj(chroma) repeated/truncated to `chroma_length`, text] is PREPENDED to the decoder sequence
+  (no cross-attention, no mask on the prefix); the unconditional chroma is one-hot on bin 0.
+- delay pattern: `build_delay_pattern_mask` / `apply_delay_pattern_mask` (pad = decoder start token),
+  stereo codebooks interleaved (codebooks 2c and 2c+1 share the delay c).
+- logits (fp32) -> CFG `uncond + (cond - uncond) * scale` -> / temperature -> top-k -> top-p -> softmax ->
+  one token per (batch, codebook) row.
+
+Sampling noise: where transformers calls `torch.multinomial(probs, 1)`, we draw exponential noise
+E ~ Exp(1) of the same shape (rows, vocab) from the request's torch.Generator and take argmax(probs / E)
+(the "exponential race": P(argmax = i) = p_i exactly). On the CPU the noise is drawn one step at a time,
+exactly as a patched `torch.multinomial` (see `race_multinomial`) draws it inside transformers' generate,
+so the tests compare tokens given the same noise. On CUDA the same draws are made in chunks of
+`noise_chunk` steps outside the graph (same distribution; deterministic for a seed; not the same token
+stream as the CPU, which GPU arithmetic could not give anyway).
+
+On CUDA one decode step (embedding sum, all layers, heads, CFG, sampling, delay masking, counters) is
+captured as a CUDA graph per (batch bucket, conditioning-length bucket, KV-length bucket, sampling mode)
+and replayed; the host enqueues steps without waiting for the GPU, except that it stays at most
+`max_inflight` steps ahead so that `on_step` progress and cancellation stay current. On the CPU the same
+code runs eagerly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .musicgen_codes import CodesRequest, decoding_steps
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def race_sample(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(p / E) with E ~ Exp(1): an exact draw from the categorical distribution `probs` (rows, V)."""
+    return torch.argmax(probs / noise.clamp_min(torch.finfo(noise.dtype).tiny), dim=-1)
+
+
+def race_multinomial(generator: torch.Generator):
+    """A stand-in for `torch.multinomial(probs, 1)` drawing the same noise, in the same order, as our CPU
+    decoder: one (rows, V) exponential draw per call. Used by the parity tests inside transformers' generate."""
+
+    def multinomial(probs, num_samples=1, replacement=False, *, generator_=None, out=None, **kw):
+        assert num_samples == 1
+        noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device).exponential_(generator=generator)
+        return race_sample(probs, noise)[:, None]
+
+    return multinomial
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _batch_bucket(b: int) -> int:
+    return 1 << (b - 1).bit_length()
+
+
+def sinusoids(n: int, dim: int) -> torch.Tensor:
+    """MusicgenSinusoidalPositionalEmbedding.get_embedding (fp32)."""
+    half = dim // 2
+    emb = math.log(10000) / (half - 1)
+    emb = torch.exp(torch.arange(half, dtype=torch.int64).float() * -emb)
+    emb = torch.arange(n, dtype=torch.int64).float().unsqueeze(1) * emb.unsqueeze(0)
+    emb = torch.cat([torch.cos(emb), torch.sin(emb)], dim=1).view(n, -1)
+    if dim % 2 == 1:
+        emb = torch.cat([emb, torch.zeros(n, 1)], dim=1)
+    return emb
+
+
+# ------------------------------------------------------------------------------------------------ weights
+@dataclass
+class _Layer:
+    ln1: tuple
+    wqkv: torch.Tensor  # (3D, D) fused q, k, v
+    wo: torch.Tensor
+    ln3: tuple
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+    ln2: tuple | None = None  # cross-attention (text-conditioned MusicGen only)
+    wq_c: torch.Tensor | None = None
+    wkv_c: torch.Tensor | None = None  # (2D, D): K/V of the conditioning, used once per request
+    wo_c: torch.Tensor | None = None
+
+
+@dataclass
+class _Slot:
+    """Static buffers for one (batch bucket, conditioning bucket): what the graphs read and write."""
+    rows: int
+    cond_len: int
+    max_len: int
+    k: torch.Tensor  # (L, rows, H, max_len, hd)
+    v: torch.Tensor
+    ck: torch.Tensor | None  # (L, rows, H, cond_len, hd)
+    cv: torch.Tensor | None
+    cmask: torch.Tensor | None  # (rows, 1, 1, cond_len) bool
+    seq: torch.Tensor  # (Bb, K, max_len) token columns (delay-masked)
+    delay: torch.Tensor  # (Bb, K, max_len) -1 = sample here, else the forced value
+    cur: torch.Tensor  # (Bb, K) the last written column: the next step's input
+    noise: torch.Tensor  # (chunk, Bb*K, V) fp32
+    kv_pos: torch.Tensor  # (1,) kv index of the current input token
+    col: torch.Tensor  # (1,) sequence column being predicted
+    noise_i: torch.Tensor  # (1,) row of `noise` for this step
+    scale: torch.Tensor  # () fp32 CFG scale
+    temp: torch.Tensor  # () fp32
+    top_k: torch.Tensor  # (1,) long
+    top_p_thr: torch.Tensor  # () fp32: 1 - top_p
+    graphs: dict = field(default_factory=dict)
+
+
+class FastMusicgen:
+    """A fast MusicGen decoder built from a transformers MusicgenForConditionalGeneration or
+    MusicgenMelodyForConditionalGeneration. The text encoder (T5) and the projections stay the model's own
+    modules (run once per request); the decoder weights are copied, fused, to `device` / `dtype`."""
+
+    def __init__(self, model, device=None, dtype=None, *, kv_block: int = 256, cond_block: int = 32,
+                 noise_chunk: int = 64, max_inflight: int = 16, use_cuda_graphs: bool | None = None,
+                 attn: str = "sdpa"):
+        self.model = model
+        lm = model.decoder  # MusicgenForCausalLM / MusicgenMelodyForCausalLM
+        dec = lm.model.decoder
+        cfg = lm.config
+        self.device = torch.device(device) if device is not None else next(lm.parameters()).device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.cuda = self.device.type == "cuda"
+        self.graphs = self.cuda if use_cuda_graphs is None else (use_cuda_graphs and self.cuda)
+        self.melody = hasattr(model.config, "chroma_length")
+        self.K, self.channels = cfg.num_codebooks, cfg.audio_channels
+        self.k_ch = self.K // self.channels
+        self.V, self.D, self.H = cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads
+        self.hd = self.D // self.H
+        gen = model.generation_config
+        self.start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
+        self.kv_block, self.cond_block = kv_block, cond_block
+        self.noise_chunk = noise_chunk if self.cuda else 1
+        self.max_inflight = max_inflight
+        self.attn = attn
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[cfg.activation_function]
+        self.eps = dec.layer_norm.eps
+
+        def w(t):
+            return t.detach().to(self.device, self.dtype).contiguous()
+
+        def ln(m):
+            return (w(m.weight), w(m.bias))
+
+        with torch.no_grad():
+            self.emb = torch.stack([w(e.weight) for e in dec.embed_tokens]).view(-1, self.D)  # (K*(V+1), D)
+            self.emb_offsets = (torch.arange(self.K, device=self.device) * (self.V + 1))
+            self.layers = []
+            for layer in dec.layers:
+                sa = layer.self_attn
+                lay = _Layer(ln1=ln(layer.self_attn_layer_norm),
+                             wqkv=w(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])),
+                             wo=w(sa.out_proj.weight), ln3=ln(layer.final_layer_norm),
+                             fc1=w(layer.fc1.weight), fc2=w(layer.fc2.weight))
+                for lin in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, layer.fc1, layer.fc2):
+                    assert lin.bias is None, "MusicGen decoder linears carry no bias"
+                if not self.melody:
+                    ca = layer.encoder_attn
+                    lay.ln2 = ln(layer.encoder_attn_layer_norm)
+                    lay.wq_c, lay.wo_c = w(ca.q_proj.weight), w(ca.out_proj.weight)
+                    lay.wkv_c = w(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
+                self.layers.append(lay)
+            self.ln_f = ln(dec.layer_norm)
+            self.heads = torch.cat([w(h.weight) for h in lm.lm_heads])  # (K*V, D)
+        self.n_layers = len(self.layers)
+        self._pe = torch.zeros(0, self.D)
+        self._slots: dict[tuple, _Slot] = {}
+        self._kv: dict[int, tuple] = {}
+        self._pool = None
+        self.on_logits = None  # optional callback(raw logits (rows, K*V)) per step, for the parity tests
+
+    # ------------------------------------------------------------------------------------------ memory
+    def release(self):
+        """Free every cache and graph (they are rebuilt on the next request)."""
+        self._slots.clear()
+        self._kv.clear()
+        self._pool = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _positions(self, n: int) -> torch.Tensor:
+        """Sinusoidal position table; graphs read it in place, so growing it drops them."""
+        if self._pe.shape[0] < n:
+            self._slots.clear()
+            self._kv.clear()
+            self._pe = sinusoids(max(_round_up(n, 1024), 4096), self.D).to(self.device, self.dtype)
+        return self._pe
+
+    def _slot(self, bb: int, rows: int, cond_len: int, need: int) -> _Slot:
+        """Static buffers for this batch bucket and conditioning bucket. The KV cache is shared by all slots
+        with the same row count and grows (dropping their graphs) when a request needs a longer window."""
+        max_len = _round_up(need, self.kv_block)
+        kv = self._kv.get(rows)
+        if kv is None or kv[0].shape[3] < max_len:
+            for key in [key for key in self._slots if key[0] == rows]:
+                del self._slots[key]
+            self._kv.pop(rows, None)
+            kv = None
+            if self.cuda:
+                torch.cuda.empty_cache()
+        dev, dt = self.device, self.dtype
+        if kv is None:
+            shape = (self.n_layers, rows, self.H, max_len, self.hd)
+            kv = self._kv[rows] = (torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
+        slot = self._slots.get((rows, cond_len))
+        if slot is not None:
+            return slot
+        max_len = kv[0].shape[3]
+        cross = dict(ck=None, cv=None, cmask=None)
+        if not self.melody:
+            cshape = (self.n_layers, rows, self.H, cond_len, self.hd)
+            cross = dict(ck=torch.zeros(cshape, device=dev, dtype=dt), cv=torch.zeros(cshape, device=dev, dtype=dt),
+                         cmask=torch.zeros(rows, 1, 1, cond_len, dtype=torch.bool, device=dev))
+        lng = dict(dtype=torch.long, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        slot = _Slot(rows=rows, cond_len=cond_len, max_len=max_len, k=kv[0], v=kv[1], **cross,
+                     seq=torch.full((bb, self.K, max_len), self.start, **lng),
+                     delay=torch.full((bb, self.K, max_len), self.start, **lng),
+                     cur=torch.full((bb, self.K), self.start, **lng),
+                     noise=torch.ones(self.noise_chunk, bb * self.K, self.V, **f32),
+                     kv_pos=torch.zeros(1, **lng), col=torch.zeros(1, **lng), noise_i=torch.zeros(1, **lng),
+                     scale=torch.ones((), **f32), temp=torch.ones((), **f32), top_k=torch.ones(1, **lng),
+                     top_p_thr=torch.zeros((), **f32))
+        self._slots[(rows, cond_len)] = slot
+        return slot
+
+    # ------------------------------------------------------------------------------------------ model
+    def _ln(self, x, p):
+        return F.layer_norm(x, (self.D,), p[0], p[1], self.eps)
+
+    def _blocks(self, s: _Slot, h: torch.Tensor, start: int | None, kv_len: int | None):
+        """Run the layers on h (rows, n, D). Prefill: start = first kv index (a Python int), causal over
+        [0, start+n). Decode (n = 1): start None, the position is s.kv_pos and attention reads kv_len keys."""
+        rows, n, D = h.shape
+        H, hd = self.H, self.hd
+        decode = start is None
+        if decode:
+            kv_mask = (torch.arange(kv_len, device=h.device) <= s.kv_pos).view(1, 1, 1, kv_len)
+        h = h.reshape(rows * n, D)
+        for i, lay in enumerate(self.layers):
+            y = self._ln(h, lay.ln1)
+            qkv = F.linear(y, lay.wqkv).view(rows, n, 3, H, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # (rows, H, n, hd)
+            kc, vc = s.k[i], s.v[i]
+            if decode:
+                kc.index_copy_(2, s.kv_pos, k)
+                vc.index_copy_(2, s.kv_pos, v)
+                a = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], kv_mask)
+            else:
+                kc[:, :, start:start + n] = k
+                vc[:, :, start:start + n] = v
+                if start == 0:
+                    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                else:  # prefill after cached positions (not used today; kept correct)
+                    m = torch.ones(n, start + n, dtype=torch.bool, device=h.device).tril(start)
+                    a = F.scaled_dot_product_attention(q, kc[:, :, :start + n], vc[:, :, :start + n], attn_mask=m)
+            a = a.transpose(1, 2).reshape(rows * n, D)
+            h = torch.addmm(h, a, lay.wo.t())
+            if lay.wq_c is not None:
+                y = self._ln(h, lay.ln2)
+                q = F.linear(y, lay.wq_c).view(rows, n, H, hd).transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, s.ck[i], s.cv[i], attn_mask=s.cmask)
+                a = a.transpose(1, 2).reshape(rows * n, D)
+                h = torch.addmm(h, a, lay.wo_c.t())
+            y = self._ln(h, lay.ln3)
+            h = torch.addmm(h, self.act(F.linear(y, lay.fc1)), lay.fc2.t())
+        return self._ln(h, self.ln_f).view(rows, n, D)
+
+    def _attend(self, q, k, v, mask):
+        if self.attn == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # "math": two batched GEMVs and a softmax (for decode, q has one position)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.hd ** -0.5)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+    def _embed(self, tokens: torch.Tensor, cfg: bool) -> torch.Tensor:
+        """tokens (Bb, K, n) -> summed codebook embeddings (rows, n, D)."""
+        e = F.embedding(tokens + self.emb_offsets.view(1, -1, 1), self.emb).sum(1)
+        return torch.cat([e, e]) if cfg else e
+
+    def _sample_write(self, s: _Slot, logits: torch.Tensor, cfg: bool, mode: tuple):
+        """logits (rows, K*V) -> one token per (batch, codebook), delay-masked, written at column s.col."""
+        use_temp, use_topk, use_topp = mode
+        bb = s.seq.shape[0]
+        if self.on_logits is not None:  # debugging / parity tests (eager only: inside a graph it runs at capture)
+            self.on_logits(logits)
+        lg = logits.float().view(-1, self.K, self.V)
+        if cfg:
+            cond, uncond = lg[:bb], lg[bb:]
+            lg = uncond + (cond - uncond) * s.scale
+        scores = lg.reshape(bb * self.K, self.V)
+        if use_temp:
+            scores = scores / s.temp
+        if use_topk:
+            kth = scores.sort(dim=-1, descending=True).values.gather(-1, (s.top_k - 1).expand(scores.shape[0], 1))
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if use_topp:
+            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum <= s.top_p_thr
+            remove[..., -1:] = False
+            remove = remove.scatter(1, sorted_idx, remove)
+            scores = scores.masked_fill(remove, float("-inf"))
+        probs = F.softmax(scores, dim=-1)
+        tok = race_sample(probs, s.noise.index_select(0, s.noise_i)[0]).view(bb, self.K, 1)
+        forced = s.delay.index_select(2, s.col)
+        new = torch.where(forced == -1, tok, forced)
+        s.seq.index_copy_(2, s.col, new)
+        s.cur.copy_(new[..., 0])
+        s.col.add_(1)
+        s.noise_i.add_(1)
+
+    def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
+        h = self._embed(s.cur[..., None], cfg) + self._pe.index_select(0, s.kv_pos)
+        h = self._blocks(s, h, None, kv_len)
+        self._sample_write(s, F.linear(h[:, -1], self.heads), cfg, mode)
+        s.kv_pos.add_(1)
+
+    def _graph(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
+        key = (kv_len, cfg, mode)
+        g = s.graphs.get(key)
+        if g is not None:
+            return g
+        state = [t.clone() for t in (s.cur, s.kv_pos, s.col, s.noise_i)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up run (lazy init), then restore the state it advanced
+            self._decode_step(s, kv_len, cfg, mode)
+            for t, saved in zip((s.cur, s.kv_pos, s.col, s.noise_i), state):
+                t.copy_(saved)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            self._decode_step(s, kv_len, cfg, mode)
+        s.graphs[key] = g
+        return g
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    @torch.inference_mode()
+    def _text_states(self, req: CodesRequest):
+        """T5 last hidden state, projected to the decoder width (model dtype and device)."""
+        te = self.model.text_encoder
+        dev = next(te.parameters()).device
+        ids, mask = req.input_ids.to(dev), req.attention_mask.to(dev)
+        hs = te(input_ids=ids, attention_mask=mask).last_hidden_state
+        proj = getattr(self.model, "enc_to_dec_proj", None)
+        if proj is not None:
+            hs = proj(hs)
+        return hs, mask
+
+    def _melody_prefix(self, req: CodesRequest, cfg: bool) -> torch.Tensor:
+        """(rows, chroma_length + S, D): [projected chroma, text] as MusicgenMelody's generate builds it."""
+        model = self.model
+        hs, mask = self._text_states(req)
+        B = hs.shape[0]
+        if cfg:
+            hs = torch.cat([hs, torch.zeros_like(hs)])
+            mask = torch.cat([mask, torch.zeros_like(mask)])
+        hs = hs * mask[..., None]
+        chroma = req.chroma
+        if chroma is not None:
+            chroma = chroma.to(hs.device, model.dtype)
+            null = torch.zeros_like(chroma)
+        else:
+            null = torch.zeros(B, 1, model.config.num_chroma, device=hs.device, dtype=model.dtype)
+        null[:, :, 0] = 1
+        audio = chroma if chroma is not None else null
+        if cfg:
+            audio = torch.cat([audio, null])
+        proj = getattr(model, "audio_enc_to_dec_proj", None)
+        if proj is not None:
+            audio = proj(audio)
+        n = model.config.chroma_length
+        if audio.shape[1] < n:
+            audio = audio.repeat(1, int(math.ceil(n / audio.shape[1])), 1)
+        audio = audio[:, :n]
+        return torch.cat([audio, hs], dim=1)
+
+    def _cross_kv(self, s: _Slot, req: CodesRequest, cfg: bool, B: int, bb: int):
+        """Cross-attention K/V of the text, once per request, into the slot's static buffers."""
+        hs, mask = self._text_states(req)
+        hs = (hs * mask[..., None]).to(self.device, self.dtype)
+        mask = mask.to(self.device).bool()
+        S = hs.shape[1]
+        if bb > B:  # batch padding rows (graphs only): copies of row 0, discarded
+            hs = torch.cat([hs, hs[:1].expand(bb - B, -1, -1)])
+            mask = torch.cat([mask, mask[:1].expand(bb - B, -1)])
+        rows = s.rows
+        cond = torch.zeros(rows, s.cond_len, self.D, device=self.device, dtype=self.dtype)
+        cond[:bb, :S] = hs  # unconditional rows (CFG) stay zero
+        s.cmask.zero_()
+        s.cmask[:bb, 0, 0, :S] = mask
+        if cfg:
+            s.cmask[bb:] = True  # all-zero K/V: the output is exactly 0, as transformers' fully masked row
+        for i, lay in enumerate(self.layers):
+            kv = F.linear(cond, lay.wkv_c).view(rows, s.cond_len, 2, self.H, self.hd).permute(2, 0, 3, 1, 4)
+            s.ck[i].copy_(kv[0])
+            s.cv[i].copy_(kv[1])
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate_codes(self, req: CodesRequest, generator: torch.Generator) -> torch.Tensor:
+        try:
+            return self._generate(req, generator)
+        except torch.cuda.OutOfMemoryError as e:
+            self.release()
+            raise RuntimeError(f"GPU out of memory while generating MusicGen codes (caches freed): {e}") from e
+
+    @torch.inference_mode()
+    def _generate(self, req: CodesRequest, generator: torch.Generator) -> torch.Tensor:
+        sp = req.sampling
+        if sp.temperature is None or sp.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {sp.temperature}")
+        B = req.input_ids.shape[0]
+        bb = _batch_bucket(B) if self.graphs else B
+        cfg = sp.guidance_scale is not None and sp.guidance_scale > 1
+        rows = 2 * bb if cfg else bb
+        steps = decoding_steps(self.k_ch, req.new_frames)
+        t0 = 0 if req.prompt_codes is None else req.prompt_codes.shape[-1]
+        L = 1 + t0 + steps  # token columns: start, prompt, generated
+        mode = (sp.temperature != 1.0, sp.top_k is not None and sp.top_k > 0,
+                sp.top_p is not None and 0 < sp.top_p < 1.0)
+
+        prefix = self._melody_prefix(req, cfg).to(self.device, self.dtype) if self.melody else None
+        P = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None and bb > B:
+            prefix = torch.cat([prefix[:B], prefix[:1].expand(bb - B, -1, -1),
+                                prefix[B:], prefix[B:B + 1].expand(bb - B, -1, -1)]) if cfg else \
+                torch.cat([prefix, prefix[:1].expand(bb - B, -1, -1)])
+        pe = self._positions(P + L)
+        cond_len = 0 if self.melody else _round_up(req.input_ids.shape[1], self.cond_block)
+        s = self._slot(bb, rows, cond_len, P + L)
+        if not self.melody:
+            self._cross_kv(s, req, cfg, B, bb)
+
+        # delay pattern (transformers' build_delay_pattern_mask with pad = decoder start token)
+        delay = torch.full((bb, self.K, L), -1, dtype=torch.long, device=self.device)
+        prompt = None
+        if t0:
+            prompt = req.prompt_codes.to(self.device, torch.long)
+            if bb > B:
+                prompt = torch.cat([prompt, prompt[:1].expand(bb - B, -1, -1)])
+        for k in range(self.K):
+            c = k // self.channels
+            if t0:
+                delay[:, k, c + 1:c + 1 + t0] = prompt[:, k]
+            delay[:, k, :c + 1] = self.start
+            delay[:, k, L - self.k_ch + 1 + c:] = self.start
+        s.delay.fill_(self.start)
+        s.delay[:, :, :L] = delay
+        s.seq.fill_(self.start)
+        s.seq[:, :, :t0 + 1] = delay[:, :, :t0 + 1]
+        s.scale.fill_(float(sp.guidance_scale or 1.0))
+        s.temp.fill_(float(sp.temperature))
+        s.top_k.fill_(min(int(sp.top_k or 0), self.V) if mode[1] else 1)
+        s.top_p_thr.fill_(1 - float(sp.top_p) if mode[2] else 0.0)
+
+        def refill_noise():
+            noise = s.noise[:, :B * self.K]
+            if generator.device.type == noise.device.type:
+                noise.exponential_(generator=generator)
+            else:  # a CPU generator for a GPU decode: draw on the CPU (slower, still exact)
+                noise.copy_(torch.empty(noise.shape).exponential_(generator=generator))
+            s.noise_i.zero_()
+
+        # prefill: [melody prefix] + columns 0..t0, then sample column t0+1
+        refill_noise()
+        h = self._embed(s.seq[:, :, :t0 + 1], cfg)
+        if prefix is not None:
+            h = torch.cat([prefix, h], dim=1)
+        h = h + pe[:P + t0 + 1]
+        h = self._blocks(s, h, 0, None)
+        s.col.fill_(t0 + 1)
+        self._sample_write(s, F.linear(h[:, -1], self.heads), cfg, mode)
+        s.kv_pos.fill_(P + t0 + 1)
+        events = []
+        self._report(req, 1, steps, events)
+
+        for step in range(1, steps):
+            if step % self.noise_chunk == 0:
+                refill_noise()
+            kv_len = min(_round_up(P + t0 + step + 1, self.kv_block), s.max_len)
+            if self.graphs:
+                self._graph(s, kv_len, cfg, mode).replay()
+            else:
+                self._decode_step(s, kv_len, cfg, mode)
+            self._report(req, step + 1, steps, events)
+
+        # de-delay: codebook k (channel-codebook c) holds frames at columns c+1 .. c+t0+new_frames
+        n = t0 + req.new_frames
+        idx = (torch.arange(self.K, device=self.device) // self.channels + 1)[:, None] + torch.arange(n, device=self.device)
+        return s.seq[:B].gather(2, idx.expand(B, -1, -1))
+
+    def _report(self, req: CodesRequest, done: int, total: int, events: list):
+        """Progress per step with no per-step sync: `done` counts steps enqueued; on CUDA the host first waits
+        for the step `max_inflight` back, so the GPU is never more than that behind what was reported (and a
+        cancellation raised by on_step stops the decode within that many steps)."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            events.append(ev)
+            if len(events) > self.max_inflight:
+                events.pop(0).synchronize()
+        if req.on_step is not None:
+            req.on_step(done, total)

@@ -59,10 +59,8 @@ def build_musicgen(stereo: bool = False, melody: bool = False, seed: int = 0):
         config = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=encodec.to_dict(),
                                 decoder=MusicgenDecoderConfig(**dec).to_dict())
         model = MusicgenForConditionalGeneration(config)
-    # Random init gives near-uniform logits; widen them so sampling settings (top_k, temperature) matter.
-    with torch.no_grad():
-        for head in model.decoder.lm_heads:
-            head.weight.mul_(20.0)
+    _rescale_decoder(model)
+    _center_codec_output(model.audio_encoder, codebook_size)
     gen = model.generation_config
     gen.decoder_start_token_id = codebook_size
     gen.pad_token_id = codebook_size
@@ -72,6 +70,38 @@ def build_musicgen(stereo: bool = False, melody: bool = False, seed: int = 0):
     gen.top_k = 50
     gen.max_length = 1500
     return model.eval()
+
+
+def _rescale_decoder(model) -> None:
+    """HF initializes every weight with std 0.02: in a 64-wide model the token embeddings and the text /
+    chroma projections then vanish next to the positional embedding, and every output is the same whatever
+    the prompt, melody or seed. Variance-preserving weights make each input matter, as in a trained model;
+    lm heads at ~3 nats of spread keep sampling settings (top_k, top_p, temperature) visible."""
+    g = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith(("text_encoder", "audio_encoder")):
+                continue
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, 1.0, generator=g)
+            elif isinstance(module, torch.nn.Linear):
+                std = (3.0 if "lm_heads" in name else 1.0) / module.in_features ** 0.5
+                module.weight.normal_(0.0, std, generator=g)
+
+
+def _center_codec_output(encodec, codebook_size: int) -> None:
+    """A random EnCodec decoder outputs mostly a DC offset (its last conv sums positive ELU outputs), which
+    normalization then turns into a clipped constant. Re-center it (final conv bias) so tiny models give
+    zero-mean, audio-like noise and loudness / peak / rms tests measure something real."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():  # codebooks are buffers that HF leaves at zero: every code would decode the same
+        for layer in encodec.quantizer.layers:
+            layer.codebook.embed.normal_(0.0, 1.0, generator=g)
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+    codes = torch.randint(0, codebook_size, (1, 1, encodec.config.num_quantizers, 200), generator=g)
+    with torch.no_grad():
+        out = encodec.decode(codes, audio_scales=[None]).audio_values
+        encodec.decoder.layers[-1].conv.bias.sub_(out.mean())
 
 
 MUSICGEN_TINY = {

@@ -23,6 +23,7 @@ class Predictor(BasePredictor):
         continuation_start: float = P["continuation_start"].input(),
         continuation_end: Optional[float] = P["continuation_end"].input(),
         multi_band_diffusion: bool = P["multi_band_diffusion"].input(),
+        replicate_weights: Optional[str] = P["replicate_weights"].input(),
         normalization_strategy: str = P["normalization_strategy"].input(),
         top_k: int = P["top_k"].input(),
         top_p: float = P["top_p"].input(),

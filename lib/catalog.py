@@ -45,3 +45,21 @@ def by_folder(folder: str) -> ModelSpec | None:
 
 def model_version_choices() -> list[str]:
     return [AUTO, *MODELS]
+
+
+@dataclass(frozen=True)
+class ExtraSpec:
+    """Weights that serve no `model_version` of their own but add a feature to loaded models."""
+    name: str  # the name `script/download-weights` takes
+    repo: str  # Hugging Face repo id
+    folder: str  # folder under weights/
+    files: tuple  # the files of the repo to fetch (a subset of it)
+    engine: str
+    feature: str  # the input it enables
+
+
+EXTRAS: dict[str, ExtraSpec] = {e.name: e for e in [
+    # Multi-Band Diffusion decoder for MusicGen's 32 kHz EnCodec codes (lib.mbd): only the MusicGen file
+    ExtraSpec(name="multiband-diffusion", repo="facebook/multiband-diffusion", folder="multiband-diffusion",
+              files=("mbd_musicgen_32khz.th",), engine="mbd", feature="multi_band_diffusion"),
+]}

@@ -36,6 +36,7 @@ class MusicgenJob:
     melody: Optional[np.ndarray] = None  # (channels, samples) at the model rate: follow its melody
     continue_audio: Optional[np.ndarray] = None  # (channels, samples) at the model rate: continue it
     log: Callable[[str], None] = print
+    multi_band_diffusion: bool = False  # decode with Multi-Band Diffusion (self.mbd) instead of EnCodec
 
 
 class MusicgenEngine:
@@ -52,6 +53,7 @@ class MusicgenEngine:
         self.channels = int(dec.audio_channels)
         self.codebook_size = int(dec.vocab_size)
         self.fast = None
+        self.mbd = None  # a lib.mbd.MultiBandDiffusion, set by the service when its weights are present
         if device.type == "cuda":
             from lib.musicgen_fast import FastMusicgen
 
@@ -80,10 +82,19 @@ class MusicgenEngine:
         return torch.stack([left, right], dim=2).reshape(1, -1, left.shape[-1])
 
     @torch.inference_mode()
-    def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
-        """(1, K, T) codes -> (channels, samples) float32 audio."""
+    def decode_codes(self, codes: torch.Tensor, multi_band_diffusion: bool = False, seed: int = 0) -> np.ndarray:
+        """(1, K, T) codes -> (channels, samples) float32 audio (EnCodec, or Multi-Band Diffusion)."""
         enc = self.model.audio_encoder
         streams = [codes] if self.channels == 1 else [codes[:, ::2], codes[:, 1::2]]
+        if multi_band_diffusion:
+            if self.mbd is None:
+                raise RuntimeError("multi_band_diffusion asked but no Multi-Band Diffusion decoder is loaded")
+            from lib.mbd import EncodecCodec
+
+            # stereo: left and right code streams decoded as two batch items
+            gen = torch.Generator(device=self.mbd.device).manual_seed(seed)
+            out = self.mbd.decode(torch.cat(streams, dim=0), EncodecCodec(enc), generator=gen)
+            return out[:, 0].float().cpu().numpy()
         out = [enc.decode(s[None], audio_scales=[None]).audio_values[0, 0] for s in streams]
         return torch.stack(out).float().cpu().numpy()
 
@@ -104,7 +115,8 @@ class MusicgenEngine:
         sampling = Sampling(top_k=int(req.top_k), top_p=float(req.top_p), temperature=float(req.temperature),
                             guidance_scale=float(req.classifier_free_guidance))
         return self.generate(MusicgenJob(prompt=req.prompt, duration=float(req.duration), seed=seed, melody=melody,
-                                         continue_audio=continue_audio, log=log, sampling=sampling))
+                                         continue_audio=continue_audio, log=log, sampling=sampling,
+                                         multi_band_diffusion=bool(getattr(req, "multi_band_diffusion", False))))
 
     def _continuation_window(self, req) -> np.ndarray:
         """The [continuation_start, continuation_end] slice of input_audio, checked against the clip."""
@@ -157,7 +169,7 @@ class MusicgenEngine:
         timings["tokens"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        audio = self.decode_codes(codes[..., :total_frames])[:, :total_samples]
+        audio = self.decode_codes(codes[..., :total_frames], job.multi_band_diffusion, job.seed)[:, :total_samples]
         timings["decode"] = time.perf_counter() - t2
         job.log("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
         return audio

@@ -24,6 +24,7 @@ class Request:
     continuation_start: float = PARAMS["continuation_start"].default
     continuation_end: Optional[float] = PARAMS["continuation_end"].default
     multi_band_diffusion: bool = PARAMS["multi_band_diffusion"].default
+    replicate_weights: Optional[str] = PARAMS["replicate_weights"].default
     normalization_strategy: str = PARAMS["normalization_strategy"].default
     top_k: int = PARAMS["top_k"].default
     top_p: float = PARAMS["top_p"].default
@@ -132,9 +133,6 @@ def check_inputs(req: Request, loaded: dict[str, catalog.ModelSpec]) -> tuple[st
                                                     f"s), got {end:g} s")
             window = end - req.continuation_start
             _check_window_fits(window, req.duration)
-    if req.multi_band_diffusion:
-        raise UserError("multi_band_diffusion", "Multi-Band Diffusion decoding is not available yet in this "
-                                                "container: set it to false (EnCodec decoding)")
     return task, model
 
 

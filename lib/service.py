@@ -110,6 +110,52 @@ class Service:
                                  f"{type(e).__name__}: {e}") from e
             log(f"loaded {name} from {self.weights_dir / spec.folder} on {self.device} in "
                 f"{time.perf_counter() - t:.1f}s")
+        self.mbd = self._load_mbd()
+        self._finetune = None  # the last replicate_weights converted: (ref, model name, FineTune)
+
+    def _load_mbd(self):
+        """Multi-Band Diffusion, once for every MusicGen model, when its weights are in weights/."""
+        musicgens = [e for n, e in self.engines.items() if self.specs[n].engine == "musicgen"]
+        extra = catalog.EXTRAS["multiband-diffusion"]
+        path = self.weights_dir / extra.folder / extra.files[0]
+        if not musicgens or not path.is_file():
+            return None
+        from lib.mbd import MultiBandDiffusion
+
+        t = time.perf_counter()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            mbd = MultiBandDiffusion.from_checkpoint(path, device=self.device, dtype=dtype)
+        except Exception as e:
+            raise SetupError(f"multiband-diffusion: loading {path} failed: {type(e).__name__}: {e}") from e
+        for engine in musicgens:
+            engine.mbd = mbd
+        log(f"loaded multiband-diffusion from {path} on {self.device} in {time.perf_counter() - t:.1f}s")
+        return mbd
+
+    def _check_musicgen_extras(self, req: Request, spec) -> None:
+        if req.multi_band_diffusion and spec.engine == "musicgen" and self.mbd is None:
+            extra = catalog.EXTRAS["multiband-diffusion"]
+            raise UserError("multi_band_diffusion", f"Multi-Band Diffusion weights are not in this container "
+                                                    f"({self.weights_dir / extra.folder / extra.files[0]} is "
+                                                    f"missing): fetch them with `script/download-weights "
+                                                    f"{extra.name}` and restart, or set multi_band_diffusion=false")
+        if getattr(req, "replicate_weights", None) and spec.engine != "musicgen":
+            raise UserError("replicate_weights", f"fine-tuned weights are MusicGen LMs; {spec.name} is not a "
+                                                 "MusicGen model")
+
+    def _finetuned(self, req: Request, spec, engine):
+        """The converted replicate_weights for this model (the last one is kept in memory)."""
+        from lib.audiocraft_checkpoint import FineTune
+
+        ref = req.replicate_weights
+        if self._finetune is not None and self._finetune[:2] == (ref, spec.name):
+            return self._finetune[2]
+        t = time.perf_counter()
+        ft = FineTune.load(ref, engine.model)
+        self._finetune = (ref, spec.name, ft)
+        log(f"replicate_weights: loaded fine-tune {ft.digest[:12]} for {spec.name} in {time.perf_counter() - t:.1f}s")
+        return ft
 
     def predict(self, req: Request) -> Path:
         t_start = time.perf_counter()
@@ -118,8 +164,18 @@ class Service:
         seed = resolve_seed(req.seed)
         log(f"task: {task}, model_version: {spec.name}, seed: {seed}")
 
+        self._check_musicgen_extras(req, spec)
         try:
-            wav = engine.run(req, task, seed, log)
+            if getattr(req, "replicate_weights", None):
+                ft = self._finetuned(req, spec, engine)
+                fast, engine.fast = engine.fast, None  # the fast decoder holds fused copies of the base weights
+                try:
+                    with ft.swapped_into(engine.model):
+                        wav = engine.run(req, task, seed, log)
+                finally:
+                    engine.fast = fast
+            else:
+                wav = engine.run(req, task, seed, log)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise UserError("duration", "the GPU ran out of memory for this request: try a shorter duration")

@@ -134,4 +134,7 @@ def write_all(root: Path) -> list[Path]:
     written = []
     for i, (name, (stereo, melody)) in enumerate(MUSICGEN_TINY.items()):
         written.append(write_musicgen(root / name, stereo, melody, seed=i))
+    from lib import tiny_mbd
+
+    written.append(tiny_mbd.write_mbd(root / "multiband-diffusion"))
     return written

@@ -80,6 +80,175 @@ def sinusoids(n: int, dim: int) -> torch.Tensor:
     return emb
 
 
+
+# ------------------------------------------------------------------------------------ Triton decode kernels
+try:  # on the GPU image; the CPU path (tests) never needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _decode_attn_kernel(Q, K, V, O, Bias, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, so_r, so_h, sb_r,
+                            skn_r, skn_h, n_static, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                            SELF: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One query per (row, head) against a KV cache, online softmax in fp32. SELF: the keys are the
+        cache's positions [0, pos) plus the new key/value (KN, VN), which are also written at `pos`.
+        Otherwise (cross-attention) the keys are [0, n_static) with an additive bias per row."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HD)
+        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
+        kb = K + r * sk_r + h * sk_h
+        vb = V + r * sk_r + h * sk_h
+        if SELF:
+            pos = tl.load(Pos)
+            n = pos
+        else:
+            n = n_static
+        m_i = tl.full([], -1e30, tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([HD], dtype=tl.float32)
+        for start in range(0, n, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            valid = t < n
+            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            if HAS_BIAS:
+                s += tl.load(Bias + r * sb_r + t, mask=valid, other=0.0)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        if SELF:
+            kn = tl.load(KN + r * skn_r + h * skn_h + d)
+            vn = tl.load(VN + r * skn_r + h * skn_h + d)
+            s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
+            m_new = tl.maximum(m_i, s1)
+            alpha = tl.exp(m_i - m_new)
+            p1 = tl.exp(s1 - m_new)
+            l_i = l_i * alpha + p1
+            acc = acc * alpha + p1 * vn.to(tl.float32)
+            tl.store(kb + pos * sk_t + d, kn)
+            tl.store(vb + pos * sk_t + d, vn)
+        tl.store(O + r * so_r + h * so_h + d, (acc / l_i).to(O.dtype.element_ty))
+
+
+    @triton.jit
+    def _self_attn_partial_kernel(Q, K, V, Part, Pos, sq_r, sq_h, sk_r, sk_h, sk_t, scale, HD: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+        """Flash-decoding, pass 1: program (row, head, split) attends to its share of the cache [0, pos) and
+        writes (acc, max, sum) to Part[row, head, split]."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        d = tl.arange(0, HD)
+        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
+        kb = K + r * sk_r + h * sk_h
+        vb = V + r * sk_r + h * sk_h
+        n = tl.load(Pos)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        m_i = tl.full([], -1e30, tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([HD], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            valid = t < hi
+            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        base = Part + ((r * tl.num_programs(1) + h) * NSPLIT + sp) * (HD + 2)
+        tl.store(base + d, acc)
+        tl.store(base + HD, m_i)
+        tl.store(base + HD + 1, l_i)
+
+    @triton.jit
+    def _self_attn_combine_kernel(Part, Q, KN, VN, K, V, O, Pos, sq_r, sq_h, skn_r, skn_h, sk_r, sk_h, sk_t,
+                                  so_r, so_h, scale, HD: tl.constexpr, NSPLIT: tl.constexpr):
+        """Flash-decoding, pass 2: merge the splits with the new key/value, write the output, then write the
+        new key/value into the cache at `pos` (after pass 1 has read the cache)."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HD)
+        j = tl.arange(0, NSPLIT)
+        base = Part + (r * tl.num_programs(1) + h) * NSPLIT * (HD + 2)
+        m = tl.load(base + j * (HD + 2) + HD)
+        l = tl.load(base + j * (HD + 2) + HD + 1)
+        acc = tl.load(base + j[:, None] * (HD + 2) + d[None, :])
+        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
+        kn = tl.load(KN + r * skn_r + h * skn_h + d)
+        vn = tl.load(VN + r * skn_r + h * skn_h + d)
+        s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
+        mx = tl.maximum(tl.max(m, axis=0), s1)
+        w = tl.exp(m - mx)
+        p1 = tl.exp(s1 - mx)
+        den = tl.sum(l * w, axis=0) + p1
+        out = tl.sum(acc * w[:, None], axis=0) + p1 * vn.to(tl.float32)
+        tl.store(O + r * so_r + h * so_h + d, (out / den).to(O.dtype.element_ty))
+        pos = tl.load(Pos)
+        tl.store(K + r * sk_r + h * sk_h + pos * sk_t + d, kn)
+        tl.store(V + r * sk_r + h * sk_h + pos * sk_t + d, vn)
+
+    @triton.jit
+    def _layer_norm_kernel(X, W, B, Y, sx, sy, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * sy + cols, (xc * tl.rsqrt(var + eps) * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8):
+    """q, kn, vn, out: (rows, H, hd) views with unit last stride; kc, vc: (rows, H, T, hd).
+    Self-attention (pos given): split over the cache in `nsplit` programs per head (flash-decoding), then
+    merged with the new key/value, which is written at `pos`. Cross-attention: one program per head."""
+    rows, H, hd = q.shape
+    self_attn = pos is not None
+    if self_attn and nsplit > 1:
+        part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
+        _self_attn_partial_kernel[(rows, H, nsplit)](
+            q, kc, vc, part, pos, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), hd ** -0.5,
+            HD=hd, BLOCK_T=64, NSPLIT=nsplit, num_warps=4)
+        _self_attn_combine_kernel[(rows, H)](
+            part, q, kn, vn, kc, vc, out, pos, q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1), hd ** -0.5,
+            HD=hd, NSPLIT=nsplit, num_warps=2)
+        return out
+    _decode_attn_kernel[(rows, H)](
+        q, kc, vc, out, bias if bias is not None else q, pos if self_attn else q,
+        kn if self_attn else q, vn if self_attn else q, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
+        kc.stride(2), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
+        kn.stride(0) if self_attn else 0, kn.stride(1) if self_attn else 0, n, hd ** -0.5,
+        HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, num_warps=4)
+    return out
+
+
+def _triton_layer_norm(x, w, b, eps):
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _layer_norm_kernel[(x.shape[0],)](x, w, b, y, x.stride(0), y.stride(0), n, eps,
+                                      BLOCK=triton.next_power_of_2(n), num_warps=8)
+    return y
+
+
 # ------------------------------------------------------------------------------------------------ weights
 @dataclass
 class _Layer:
@@ -106,6 +275,7 @@ class _Slot:
     ck: torch.Tensor | None  # (L, rows, H, cond_len, hd)
     cv: torch.Tensor | None
     cmask: torch.Tensor | None  # (rows, 1, 1, cond_len) bool
+    cbias: torch.Tensor | None  # (rows, cond_len) fp32 additive mask (0 / -1e30) for the Triton kernel
     seq: torch.Tensor  # (Bb, K, max_len) token columns (delay-masked)
     delay: torch.Tensor  # (Bb, K, max_len) -1 = sample here, else the forced value
     cur: torch.Tensor  # (Bb, K) the last written column: the next step's input
@@ -127,7 +297,7 @@ class FastMusicgen:
 
     def __init__(self, model, device=None, dtype=None, *, kv_block: int = 256, cond_block: int = 32,
                  noise_chunk: int = 64, max_inflight: int = 16, use_cuda_graphs: bool | None = None,
-                 attn: str = "sdpa"):
+                 attn: str | None = None):
         self.model = model
         lm = model.decoder  # MusicgenForCausalLM / MusicgenMelodyForCausalLM
         dec = lm.model.decoder
@@ -148,7 +318,10 @@ class FastMusicgen:
         self.kv_block, self.cond_block = kv_block, cond_block
         self.noise_chunk = noise_chunk if self.cuda else 1
         self.max_inflight = max_inflight
-        self.attn = attn
+        # decode attention: "triton" (fused KV write, no mask tensors, reads only the filled cache) on CUDA
+        # when Triton is there; "sdpa" (torch SDPA over a KV-length bucket) elsewhere, e.g. on the CPU
+        self.attn = attn or ("triton" if self.cuda and triton is not None else "sdpa")
+        self.fused = self.attn == "triton"
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[cfg.activation_function]
@@ -225,11 +398,12 @@ class FastMusicgen:
         if slot is not None:
             return slot
         max_len = kv[0].shape[3]
-        cross = dict(ck=None, cv=None, cmask=None)
+        cross = dict(ck=None, cv=None, cmask=None, cbias=None)
         if not self.melody:
             cshape = (self.n_layers, rows, self.H, cond_len, self.hd)
             cross = dict(ck=torch.zeros(cshape, device=dev, dtype=dt), cv=torch.zeros(cshape, device=dev, dtype=dt),
-                         cmask=torch.zeros(rows, 1, 1, cond_len, dtype=torch.bool, device=dev))
+                         cmask=torch.zeros(rows, 1, 1, cond_len, dtype=torch.bool, device=dev),
+                         cbias=torch.zeros(rows, cond_len, dtype=torch.float32, device=dev))
         lng = dict(dtype=torch.long, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
         slot = _Slot(rows=rows, cond_len=cond_len, max_len=max_len, k=kv[0], v=kv[1], **cross,
@@ -245,6 +419,8 @@ class FastMusicgen:
 
     # ------------------------------------------------------------------------------------------ model
     def _ln(self, x, p):
+        if self.fused and x.shape[0] <= 64:
+            return _triton_layer_norm(x, p[0], p[1], self.eps)
         return F.layer_norm(x, (self.D,), p[0], p[1], self.eps)
 
     def _blocks(self, s: _Slot, h: torch.Tensor, start: int | None, kv_len: int | None):
@@ -253,11 +429,24 @@ class FastMusicgen:
         rows, n, D = h.shape
         H, hd = self.H, self.hd
         decode = start is None
-        if decode:
+        if decode and not self.fused:
             kv_mask = (torch.arange(kv_len, device=h.device) <= s.kv_pos).view(1, 1, 1, kv_len)
         h = h.reshape(rows * n, D)
         for i, lay in enumerate(self.layers):
             y = self._ln(h, lay.ln1)
+            if decode and self.fused:  # Triton: one kernel writes the new K/V and attends; no copies
+                qkv = F.linear(y, lay.wqkv).view(rows, 3, H, hd)
+                a = torch.empty(rows, H, hd, device=h.device, dtype=h.dtype)
+                _triton_attend(qkv[:, 0], s.k[i], s.v[i], a, pos=s.kv_pos, kn=qkv[:, 1], vn=qkv[:, 2])
+                h = torch.addmm(h, a.view(rows, D), lay.wo.t())
+                if lay.wq_c is not None:
+                    q = F.linear(self._ln(h, lay.ln2), lay.wq_c).view(rows, H, hd)
+                    a = torch.empty(rows, H, hd, device=h.device, dtype=h.dtype)
+                    _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len)
+                    h = torch.addmm(h, a.view(rows, D), lay.wo_c.t())
+                y = self._ln(h, lay.ln3)
+                h = torch.addmm(h, self.act(F.linear(y, lay.fc1)), lay.fc2.t())
+                continue
             qkv = F.linear(y, lay.wqkv).view(rows, n, 3, H, hd).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]  # (rows, H, n, hd)
             kc, vc = s.k[i], s.v[i]
@@ -414,6 +603,7 @@ class FastMusicgen:
         s.cmask[:bb, 0, 0, :S] = mask
         if cfg:
             s.cmask[bb:] = True  # all-zero K/V: the output is exactly 0, as transformers' fully masked row
+        s.cbias.copy_(torch.where(s.cmask[:, 0, 0], 0.0, -1e30))
         for i, lay in enumerate(self.layers):
             kv = F.linear(cond, lay.wkv_c).view(rows, s.cond_len, 2, self.H, self.hd).permute(2, 0, 3, 1, 4)
             s.ck[i].copy_(kv[0])
@@ -500,7 +690,7 @@ class FastMusicgen:
         for step in range(1, steps):
             if step % self.noise_chunk == 0:
                 refill_noise()
-            kv_len = min(_round_up(P + t0 + step + 1, self.kv_block), s.max_len)
+            kv_len = s.max_len if self.fused else min(_round_up(P + t0 + step + 1, self.kv_block), s.max_len)
             if self.graphs:
                 self._graph(s, kv_len, cfg, mode).replay()
             else:

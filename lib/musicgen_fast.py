@@ -26,8 +26,9 @@ so the tests compare tokens given the same noise. On CUDA the same draws are mad
 stream as the CPU, which GPU arithmetic could not give anyway).
 
 On CUDA one decode step (embedding sum, all layers, heads, CFG, sampling, delay masking, counters) is
-captured as a CUDA graph per (batch bucket, conditioning-length bucket, KV-length bucket, sampling mode)
-and replayed; the host enqueues steps without waiting for the GPU, except that it stays at most
+captured as a CUDA graph per (batch bucket, conditioning-length bucket, sampling mode) and replayed
+(with attn="sdpa", also per KV-length bucket); attention and layer norm are Triton kernels there
+(flash-decoding self-attention that writes the new K/V itself and reads only the filled cache); the host enqueues steps without waiting for the GPU, except that it stays at most
 `max_inflight` steps ahead so that `on_step` progress and cancellation stay current. On the CPU the same
 code runs eagerly.
 """

@@ -611,7 +611,12 @@ class FastMusicgen:
             s.cv[i].copy_(kv[1])
 
     # ------------------------------------------------------------------------------------------ generate
-    def generate_codes(self, req: CodesRequest, generator: torch.Generator) -> torch.Tensor:
+    def generate_codes(self, req: CodesRequest, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Codes (B, K, T0 + new_frames) on `self.device`. `generator`: best a torch.Generator on this device
+        (a CPU one works, drawing the noise on the CPU); None = a fresh random seed."""
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.seed()
         try:
             return self._generate(req, generator)
         except torch.cuda.OutOfMemoryError as e:

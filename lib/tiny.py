@@ -137,4 +137,7 @@ def write_all(root: Path) -> list[Path]:
     from lib import tiny_mbd
 
     written.append(tiny_mbd.write_mbd(root / "multiband-diffusion"))
+    from lib import tiny_diffusion
+
+    written += tiny_diffusion.write_all(root)
     return written

@@ -33,6 +33,20 @@ class Predictor(BasePredictor):
         seed: Optional[int] = P["seed"].input(),
         model_version: str = P["model_version"].input(),
         task: str = P["task"].input(),
+        lyrics: Optional[str] = P["lyrics"].input(),
+        negative_prompt: Optional[str] = P["negative_prompt"].input(),
+        num_inference_steps: Optional[int] = P["num_inference_steps"].input(),
+        guidance_scale: Optional[float] = P["guidance_scale"].input(),
+        shift: Optional[float] = P["shift"].input(),
+        bpm: Optional[int] = P["bpm"].input(),
+        keyscale: Optional[str] = P["keyscale"].input(),
+        timesignature: Optional[int] = P["timesignature"].input(),
+        vocal_language: Optional[str] = P["vocal_language"].input(),
+        repainting_start: float = P["repainting_start"].input(),
+        repainting_end: Optional[float] = P["repainting_end"].input(),
+        audio_cover_strength: float = P["audio_cover_strength"].input(),
+        track_name: Optional[str] = P["track_name"].input(),
+        strength: Optional[float] = P["strength"].input(),
     ) -> Path:
         inputs = dict(locals())
         inputs.pop("self")

@@ -15,6 +15,7 @@ class ModelSpec:
     stereo: bool = False
     melody: bool = False
     size: str = ""
+    tasks: tuple = ()  # the `task` values it serves; empty = the MusicGen ones (see tasks_of)
 
 
 def _musicgen(name: str, size: str, stereo: bool = False, melody: bool = False) -> ModelSpec:
@@ -34,6 +35,20 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in [
     _musicgen("melody", "medium", melody=True),
     _musicgen("stereo-small", "small", stereo=True),
     _musicgen("small", "small"),
+    # Diffusion engines (lib.diffusion), after MusicGen so `auto` keeps picking MusicGen first.
+    ModelSpec(name="ace-step-1.5-turbo", repo="ACE-Step/acestep-v15-xl-turbo-diffusers", engine="ace-step",
+              folder="ace-step-1.5-turbo", stereo=True, tasks=("text2music", "cover", "repaint")),
+    ModelSpec(name="ace-step-1.5-base", repo="ACE-Step/acestep-v15-xl-base-diffusers", engine="ace-step",
+              folder="ace-step-1.5-base", stereo=True,
+              tasks=("text2music", "cover", "repaint", "extract", "lego", "complete")),
+    ModelSpec(name="audioldm2-music", repo="cvssp/audioldm2-music", engine="audioldm2", folder="audioldm2-music",
+              tasks=("text2audio", "text2music")),
+    ModelSpec(name="audioldm", repo="cvssp/audioldm-s-full-v2", engine="audioldm", folder="audioldm-s-full-v2",
+              tasks=("text2audio", "text2music")),
+    ModelSpec(name="dance-diffusion-maestro", repo="harmonai/maestro-150k", engine="dance-diffusion",
+              folder="dance-diffusion-maestro-150k", stereo=True, tasks=("unconditional", "variation")),
+    ModelSpec(name="stable-audio-open", repo="stabilityai/stable-audio-open-1.0", engine="stable-audio",
+              folder="stable-audio-open-1.0", stereo=True, tasks=("text2music", "text2audio", "audio2audio")),
 ]}
 
 AUTO = "auto"
@@ -41,6 +56,12 @@ AUTO = "auto"
 
 def by_folder(folder: str) -> ModelSpec | None:
     return next((m for m in MODELS.values() if m.folder == folder), None)
+
+
+def tasks_of(spec: ModelSpec) -> tuple:
+    if spec.tasks:
+        return spec.tasks
+    return ("text2music", "melody", "continuation") if spec.melody else ("text2music", "continuation")
 
 
 def model_version_choices() -> list[str]:

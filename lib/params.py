@@ -16,7 +16,13 @@ MUSICGEN_WINDOW_S = 30.0  # MusicGen's training context
 EXTEND_STRIDE_S = 18.0  # each new window keeps the last 30 - 18 = 12 s as its prompt (Replicate/audiocraft)
 MAX_SEED = 2**32 - 1
 
-TASKS = ("auto", "text2music", "melody", "continuation")
+TASKS = ("auto", "text2music", "melody", "continuation",  # MusicGen (text2music also ACE-Step, Stable Audio, AudioLDM)
+         "cover", "repaint", "extract", "lego", "complete",  # ACE-Step 1.5 (extract/lego/complete: base model)
+         "text2audio",  # AudioLDM / AudioLDM 2 / Stable Audio
+         "unconditional", "variation",  # Dance Diffusion
+         "audio2audio")  # Stable Audio Open (init audio)
+ACE_TRACKS = ("vocals", "backing_vocals", "drums", "bass", "guitar", "keyboard", "percussion", "strings", "synth",
+              "fx", "brass", "woodwinds")
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,83 @@ _PARAMS = [
           "logs). 0 is a valid seed.", ge=-1, le=MAX_SEED),
     Param("model_version", str, catalog.AUTO,
           "Model to use. `auto` picks the first loaded of: " + ", ".join(catalog.MODELS) +
-          " (a melody model when the task is melody).", choices=tuple(catalog.model_version_choices())),
+          " (for an explicit task, the first that serves it; a melody model when the task is melody).", choices=tuple(catalog.model_version_choices())),
     Param("task", str, "auto",
-          "What to do. `auto` derives it as Replicate's MusicGen does: no input_audio = text2music; input_audio "
-          "with continuation = continuation; input_audio without continuation = melody.", choices=TASKS),
+          "What to do. `auto`: on a MusicGen model, as Replicate's MusicGen (no input_audio = text2music; input_audio "
+          "with continuation = continuation; without = melody); on ACE-Step: text2music, or cover with input_audio "
+          "(repaint when a repainting window is set); AudioLDM: text2audio; Dance Diffusion: unconditional, or "
+          "variation with input_audio; Stable Audio: text2music, or audio2audio with input_audio. With "
+          "model_version=auto, an explicit task picks the first loaded model that serves it.", choices=TASKS),
+    Param("lyrics", Optional[str], None,
+          "ACE-Step: song lyrics, with structure tags such as [verse], [chorus], [bridge]; '[Instrumental]' for "
+          "none. Up to 4096 characters."),
+    Param("negative_prompt", Optional[str], None,
+          "AudioLDM / AudioLDM 2 / Stable Audio: what the audio should NOT sound like (e.g. 'low quality, noise')."),
+    Param("num_inference_steps", Optional[int], None,
+          "Diffusion engines: denoising steps. None = the model's default (ACE-Step turbo 8, base 32; AudioLDM 2 "
+          "100; AudioLDM 50; Dance Diffusion 100; Stable Audio 100). More = slower, usually cleaner.", ge=1, le=200),
+    Param("guidance_scale", Optional[float], None,
+          "Diffusion engines: classifier-free guidance scale (1 = off). None = the model's default (ACE-Step base "
+          "7, AudioLDM 2 3.5, AudioLDM 2.5, Stable Audio 7). ACE-Step turbo has guidance distilled in and takes none.",
+          ge=1, le=20),
+    Param("shift", Optional[float], None,
+          "ACE-Step: timestep shift of the flow-matching schedule, t' = shift*t / (1 + (shift-1)*t). None = 3.",
+          ge=1, le=5),
+    Param("bpm", Optional[int], None, "ACE-Step: tempo in beats per minute. None = let the model choose.",
+          ge=30, le=300),
+    Param("keyscale", Optional[str], None,
+          "ACE-Step: musical key, e.g. 'C major', 'F# minor', 'Am'. None = let the model choose."),
+    Param("timesignature", Optional[int], None,
+          "ACE-Step: beats per bar: 2 (2/4), 3 (3/4), 4 (4/4) or 6 (6/8). None = let the model choose.", ge=2, le=6),
+    Param("vocal_language", Optional[str], None,
+          "ACE-Step: language of the lyrics, an ISO 639-1 code (en, zh, ja, es, fr, ...). None = unknown."),
+    Param("repainting_start", float, 0,
+          "ACE-Step repaint / lego: start, in seconds, of the window of input_audio to regenerate. Outside the window "
+          "the audio is input_audio's own samples (20 ms crossfades sit inside the window); with "
+          "normalization_strategy=clip they stay sample-identical in the output.", ge=0),
+    Param("repainting_end", Optional[float], None,
+          "ACE-Step repaint / lego: end of that window in seconds; -1 or None = the end of input_audio.", ge=-1),
+    Param("audio_cover_strength", float, 1.0,
+          "ACE-Step cover: how much input_audio's structure conditions the cover (1 = strongly; lower values blend in "
+          "plain text-to-music, e.g. 0.2 for a loose style transfer).", ge=0, le=1),
+    Param("track_name", Optional[str], None,
+          "ACE-Step base extract / lego / complete: the stem to extract (extract), generate over input_audio (lego) "
+          "or add (complete).", choices=ACE_TRACKS),
+    Param("strength", Optional[float], None,
+          "Dance Diffusion variation / Stable Audio audio2audio: how far from input_audio to go (how much noise is "
+          "added before denoising): near 0 = almost the input, 1 = all new. None = 0.5 (variation), 1 "
+          "(audio2audio, diffusers' init-audio behaviour).", ge=0, le=1),
 ]
+
+MUSICGEN = ("musicgen",)
+DIFFUSION = ("ace-step", "audioldm2", "audioldm", "dance-diffusion", "stable-audio")
+# Which engines use an input, and for which tasks (None = all its tasks). An input missing here is used by every
+# engine. lib.request refuses an input set to a non-default value when the chosen engine/task ignores it.
+USED_BY: dict[str, dict[str, Optional[tuple]]] = {
+    "prompt": {e: None for e in MUSICGEN + ("ace-step", "audioldm2", "audioldm", "stable-audio")},
+    "continuation": {"musicgen": None},
+    "continuation_start": {"musicgen": None},
+    "continuation_end": {"musicgen": None},
+    "multi_band_diffusion": {"musicgen": None},
+    "top_k": {"musicgen": None},
+    "top_p": {"musicgen": None},
+    "temperature": {"musicgen": None},
+    "classifier_free_guidance": {"musicgen": None},
+    "lyrics": {"ace-step": None},
+    "negative_prompt": {"audioldm2": None, "audioldm": None, "stable-audio": None},
+    "num_inference_steps": {e: None for e in DIFFUSION},
+    "guidance_scale": {"ace-step": None, "audioldm2": None, "audioldm": None, "stable-audio": None},
+    "shift": {"ace-step": None},
+    "bpm": {"ace-step": None},
+    "keyscale": {"ace-step": None},
+    "timesignature": {"ace-step": None},
+    "vocal_language": {"ace-step": None},
+    "repainting_start": {"ace-step": ("repaint", "lego")},
+    "repainting_end": {"ace-step": ("repaint", "lego")},
+    "audio_cover_strength": {"ace-step": ("cover",)},
+    "track_name": {"ace-step": ("extract", "lego", "complete")},
+    "strength": {"dance-diffusion": ("variation",), "stable-audio": ("audio2audio",)},
+}
 
 PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
 DEFAULTS: dict[str, Any] = {p.name: p.default for p in _PARAMS}

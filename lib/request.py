@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from lib import catalog
 from lib.errors import UserError
-from lib.params import MUSICGEN_WINDOW_S, PARAMS
+from lib.params import MUSICGEN_WINDOW_S, PARAMS, USED_BY
 
 
 @dataclass
@@ -34,6 +34,20 @@ class Request:
     seed: Optional[int] = PARAMS["seed"].default
     model_version: str = PARAMS["model_version"].default
     task: str = PARAMS["task"].default
+    lyrics: Optional[str] = PARAMS["lyrics"].default
+    negative_prompt: Optional[str] = PARAMS["negative_prompt"].default
+    num_inference_steps: Optional[int] = PARAMS["num_inference_steps"].default
+    guidance_scale: Optional[float] = PARAMS["guidance_scale"].default
+    shift: Optional[float] = PARAMS["shift"].default
+    bpm: Optional[int] = PARAMS["bpm"].default
+    keyscale: Optional[str] = PARAMS["keyscale"].default
+    timesignature: Optional[int] = PARAMS["timesignature"].default
+    vocal_language: Optional[str] = PARAMS["vocal_language"].default
+    repainting_start: float = PARAMS["repainting_start"].default
+    repainting_end: Optional[float] = PARAMS["repainting_end"].default
+    audio_cover_strength: float = PARAMS["audio_cover_strength"].default
+    track_name: Optional[str] = PARAMS["track_name"].default
+    strength: Optional[float] = PARAMS["strength"].default
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -70,12 +84,28 @@ def resolve_seed(seed: Optional[int]) -> int:
     return int(seed)
 
 
-def derive_task(req: Request) -> str:
+def derive_task(req: Request, model: Optional[catalog.ModelSpec] = None) -> str:
+    """The task for `auto`: MusicGen's derivation (Replicate's) on a MusicGen model, the natural one elsewhere."""
     if req.task != "auto":
         return req.task
-    if req.input_audio is None:
-        return "text2music"
-    return "continuation" if req.continuation else "melody"
+    engine = model.engine if model is not None else "musicgen"
+    has_audio = req.input_audio is not None
+    if engine == "musicgen":
+        if not has_audio:
+            return "text2music"
+        return "continuation" if req.continuation else "melody"
+    if engine == "ace-step":
+        if not has_audio:
+            return "text2music"
+        window_set = not req.is_default("repainting_start") or req.repainting_end not in (None, -1)
+        return "repaint" if window_set else "cover"
+    if engine in ("audioldm", "audioldm2"):
+        return "text2audio"
+    if engine == "dance-diffusion":
+        return "variation" if has_audio else "unconditional"
+    if engine == "stable-audio":
+        return "audio2audio" if has_audio else "text2music"
+    return "text2music"
 
 
 def choose_model(req: Request, task: str, loaded: dict[str, catalog.ModelSpec]) -> catalog.ModelSpec:
@@ -91,11 +121,18 @@ def choose_model(req: Request, task: str, loaded: dict[str, catalog.ModelSpec]) 
                                              f"{', '.join(loaded)}). Fetch it with `script/download-weights "
                                              f"{spec.name}` and restart, or pick a loaded one.")
         return loaded[req.model_version]
-    candidates = [m for m in loaded.values() if m.melody] if task == "melody" else list(loaded.values())
-    if not candidates:
+    if task == "melody":
+        candidates = [m for m in loaded.values() if m.melody]
+    else:
+        candidates = [m for m in loaded.values() if task in catalog.tasks_of(m)]
+    if not candidates and task == "melody":
         raise UserError("input_audio", "input_audio without continuation asks to follow its melody, which needs a "
                                        "melody model, and none is loaded: set continuation=true to continue the "
                                        "audio instead")
+    if not candidates:
+        able = [m.name for m in catalog.MODELS.values() if task in catalog.tasks_of(m)]
+        raise UserError("task", f"no loaded model serves task {task} (loaded: {', '.join(loaded)}); it needs one of "
+                                f"{', '.join(able)}")
     order = list(catalog.MODELS)
     return min(candidates, key=lambda m: order.index(m.name))
 
@@ -103,10 +140,25 @@ def choose_model(req: Request, task: str, loaded: dict[str, catalog.ModelSpec]) 
 def check_inputs(req: Request, loaded: dict[str, catalog.ModelSpec]) -> tuple[str, catalog.ModelSpec]:
     """Validate one request up front, before any model work. Returns (task, model)."""
     _check_ranges(req)
-    task = derive_task(req)
+    if req.task == "auto":
+        # the engine decides what `auto` means: the model asked for, or the first loaded in catalog order
+        if req.model_version != catalog.AUTO or not loaded:
+            first = choose_model(req, "text2music", loaded)
+        else:
+            order = list(catalog.MODELS)
+            first = min(loaded.values(), key=lambda m: order.index(m.name))
+        task = derive_task(req, first)
+    else:
+        task = req.task
     model = choose_model(req, task, loaded)
+    _check_task_and_ignored_inputs(req, task, model)
+    if model.engine != "musicgen":
+        return task, model
     if task in ("melody", "continuation") and req.input_audio is None:
         raise UserError("input_audio", f"task {task} needs an input_audio")
+    if req.continuation and req.input_audio is None:
+        raise UserError("input_audio", "continuation=true needs an input_audio to continue: add one, or set "
+                                       "continuation=false")
     if task == "text2music" and req.input_audio is not None:
         raise UserError("input_audio", "text2music ignores input_audio: remove it, or set task to melody or "
                                        "continuation")
@@ -134,6 +186,45 @@ def check_inputs(req: Request, loaded: dict[str, catalog.ModelSpec]) -> tuple[st
             window = end - req.continuation_start
             _check_window_fits(window, req.duration)
     return task, model
+
+
+def _users(name: str) -> str:
+    from lib.diffusion import ENGINE_LABELS
+
+    parts = []
+    for engine, tasks in USED_BY[name].items():
+        label = ENGINE_LABELS.get(engine, engine)
+        parts.append(label if tasks is None else f"{label} ({'/'.join(tasks)})")
+    return ", ".join(parts)
+
+
+def _check_task_and_ignored_inputs(req: Request, task: str, model: catalog.ModelSpec) -> None:
+    """The model serves the task, and no input it ignores is set to a non-default value."""
+    from lib.diffusion import ENGINE_LABELS
+
+    tasks = catalog.tasks_of(model)
+    if task not in tasks and not (model.engine == "musicgen" and task == "melody"):  # MusicGen says it below
+        able = [m.name for m in catalog.MODELS.values() if task in catalog.tasks_of(m)]
+        raise UserError("task", f"{model.name} ({ENGINE_LABELS.get(model.engine, model.engine)}) does not do {task}: "
+                                f"it does {', '.join(tasks)}. For {task} use {', '.join(able) or 'no model'}")
+    for name, users in USED_BY.items():
+        if model.engine == "musicgen" and name in ("continuation", "continuation_start", "continuation_end",
+                                                   "multi_band_diffusion"):
+            continue  # MusicGen's own checks below say it best
+        if name == "repainting_end" and req.repainting_end == -1:
+            continue  # -1 is the documented "end of clip", same as the default None
+        if req.is_default(name):
+            continue
+        used = model.engine in users and (users[model.engine] is None or task in users[model.engine])
+        if model.engine == "ace-step" and name == "guidance_scale" and "base" not in model.name and \
+                model.name.endswith("turbo"):
+            used = False  # turbo has guidance distilled into its weights
+        if not used:
+            where = f"{model.name} ({ENGINE_LABELS.get(model.engine, model.engine)}) with task {task}"
+            hint = (" (turbo has guidance distilled in: use ace-step-1.5-base for guidance)"
+                    if name == "guidance_scale" and model.engine == "ace-step" else "")
+            raise UserError(name, f"{where} ignores this input{hint}; it is used by {_users(name)}. Leave it at "
+                                  f"its default ({PARAMS[name].default!r}) or pick a model that uses it")
 
 
 def _check_window_fits(window_s: float, duration: float) -> None:

@@ -49,6 +49,15 @@ def weight_files_missing(folder: Path) -> list[str]:
     return missing
 
 
+def files_missing(spec: catalog.ModelSpec, folder: Path) -> list[str]:
+    """What a model's folder lacks: a transformers checkpoint (MusicGen) or a diffusers pipeline (the others)."""
+    if spec.engine == "musicgen":
+        return weight_files_missing(folder)
+    from lib.diffusion import pipeline_files_missing
+
+    return pipeline_files_missing(folder)
+
+
 def resolve_models(weights_dir: Path, wanted: Optional[list[str]]) -> dict[str, catalog.ModelSpec]:
     """The models to load. Raises SetupError naming what is missing and the command that fetches it."""
     if wanted:
@@ -65,7 +74,7 @@ def resolve_models(weights_dir: Path, wanted: Optional[list[str]]) -> dict[str, 
     problems = []
     for spec in specs:
         folder = weights_dir / spec.folder
-        missing = ["the folder"] if not folder.is_dir() else weight_files_missing(folder)
+        missing = ["the folder"] if not folder.is_dir() else files_missing(spec, folder)
         if missing:
             problems.append(f"{spec.name}: {folder} is missing {', '.join(missing)}; fetch it with "
                             f"`script/download-weights {spec.name}`")
@@ -80,6 +89,10 @@ def engine_class(engine: str):
         from lib.musicgen import MusicgenEngine
 
         return MusicgenEngine
+    from lib.diffusion import ENGINES
+
+    if engine in ENGINES:
+        return ENGINES[engine]
     raise SetupError(f"no engine {engine!r}")
 
 

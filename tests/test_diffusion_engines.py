@@ -1,0 +1,271 @@
+"""The diffusion engines (ACE-Step 1.5, AudioLDM 2, AudioLDM, Dance Diffusion, Stable Audio Open) through the
+Predictor and the HTTP server, on tiny random pipelines: every task's rate / channels / length, seeds, repaint
+keeping the rest of the song, progress logs, and the errors users see."""
+import re
+
+import numpy as np
+import pytest
+
+from conftest import make_tone, predict, read_audio
+from lib.errors import UserError
+
+FAST = dict(num_inference_steps=2, seed=3, normalization_strategy="peak")
+
+
+@pytest.fixture(scope="module")
+def tone48(audio_dir):
+    """3 s stereo at ACE-Step's own rate, so decoding is lossless and samples can be compared exactly."""
+    return make_tone(audio_dir / "tone48.wav", seconds=3.0, rate=48000, channels=2, freq=330.0)
+
+
+@pytest.fixture(scope="module")
+def tone16(audio_dir):
+    return make_tone(audio_dir / "tone16.wav", seconds=1.5, rate=16000, channels=2, freq=220.0)
+
+
+# (model, task, inputs, sample rate, channels, seconds); input "48" / "16" = the tone fixtures
+TASKS = [
+    ("ace-step-1.5-turbo", "text2music", dict(prompt="lofi", lyrics="[verse]\nla la", bpm=90, keyscale="A minor",
+                                               timesignature=4, vocal_language="en", shift=2.0, duration=1.5),
+     48000, 2, 1.5),
+    ("ace-step-1.5-turbo", "cover", dict(prompt="jazz", input_audio="48", audio_cover_strength=0.5), 48000, 2, 3.0),
+    ("ace-step-1.5-turbo", "repaint", dict(prompt="rock", input_audio="48", repainting_start=1.0,
+                                            repainting_end=2.0), 48000, 2, 3.0),
+    ("ace-step-1.5-base", "extract", dict(input_audio="48", track_name="drums", duration=2), 48000, 2, 2.0),
+    ("ace-step-1.5-base", "lego", dict(prompt="blues", input_audio="48", track_name="guitar", guidance_scale=3,
+                                        repainting_start=0.5), 48000, 2, 3.0),
+    ("ace-step-1.5-base", "complete", dict(input_audio="48", track_name="bass"), 48000, 2, 3.0),
+    ("ace-step-1.5-base", "text2music", dict(prompt="calm", duration=1.0, guidance_scale=5), 48000, 2, 1.0),
+    ("audioldm2-music", "text2audio", dict(prompt="jazz", negative_prompt="noise", duration=1.2), 16000, 1, 1.2),
+    ("audioldm2-music", "text2music", dict(prompt="jazz", duration=1.0), 16000, 1, 1.0),
+    ("audioldm", "text2audio", dict(prompt="rain", negative_prompt="low quality", guidance_scale=2, duration=1.5),
+     16000, 1, 1.5),
+    ("dance-diffusion-maestro", "unconditional", dict(duration=1.3), 16000, 2, 1.3),
+    ("dance-diffusion-maestro", "variation", dict(input_audio="16", strength=0.4), 16000, 2, 1.5),
+    ("stable-audio-open", "text2music", dict(prompt="techno", negative_prompt="vocals", duration=1.7), 44100, 2, 1.7),
+    ("stable-audio-open", "audio2audio", dict(prompt="techno", input_audio="48", strength=0.5, duration=2.0),
+     44100, 2, 2.0),
+]
+
+
+def _inputs(kw, tone48, tone16):
+    kw = dict(kw)
+    if kw.get("input_audio") == "48":
+        kw["input_audio"] = tone48
+    elif kw.get("input_audio") == "16":
+        kw["input_audio"] = tone16
+    return kw
+
+
+@pytest.mark.parametrize("model,task,kw,sr,channels,seconds", TASKS, ids=[f"{m}-{t}" for m, t, *_ in TASKS])
+def test_every_task_gives_the_native_rate_channels_and_length(predictor, tone48, tone16, capsys, model, task, kw, sr,
+                                                              channels, seconds):
+    audio, got_sr = read_audio(predict(predictor, model_version=model, task=task, **FAST,
+                                       **_inputs(kw, tone48, tone16)))
+    assert got_sr == sr
+    assert audio.shape == (channels, int(round(seconds * sr)))
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0.01
+    out = capsys.readouterr().out
+    assert f"task: {task}, model_version: {model}" in out
+    assert re.search(r"denoising: step (\d+)/\1", out), "progress must reach the last step"
+
+
+@pytest.mark.parametrize("model,kw", [
+    ("ace-step-1.5-turbo", dict(prompt="pop", lyrics="[chorus]\nhey", duration=1.0)),
+    ("audioldm2-music", dict(prompt="pop", duration=1.0)),
+    ("dance-diffusion-maestro", dict(duration=1.0)),
+    ("stable-audio-open", dict(prompt="pop", duration=1.0)),
+])
+def test_same_seed_same_audio_other_seed_other_audio(predictor, model, kw):
+    base = dict(model_version=model, num_inference_steps=2, normalization_strategy="clip", **kw)
+    a = read_audio(predict(predictor, seed=11, **base))[0]
+    b = read_audio(predict(predictor, seed=11, **base))[0]
+    c = read_audio(predict(predictor, seed=12, **base))[0]
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c, atol=1e-3)
+
+
+def test_repaint_keeps_every_sample_outside_the_window(predictor, tone48):
+    src = read_audio(tone48)[0]
+    out, sr = read_audio(predict(predictor, model_version="ace-step-1.5-turbo", task="repaint", prompt="rock",
+                                 input_audio=tone48, repainting_start=1.0, repainting_end=2.0, num_inference_steps=2,
+                                 seed=5, normalization_strategy="clip"))
+    assert out.shape == src.shape and sr == 48000
+    s, e = 48000, 96000
+    assert np.array_equal(out[:, :s], src[:, :s])  # bit-identical before the window
+    assert np.array_equal(out[:, e:], src[:, e:])  # and after it
+    inner = slice(s + 960, e - 960)  # past the 20 ms crossfades: new audio
+    assert np.abs(out[:, inner] - src[:, inner]).mean() > 0.01
+
+
+def test_repaint_to_the_end_with_minus_one_and_auto_task(predictor, tone48, capsys):
+    src = read_audio(tone48)[0]
+    out, _ = read_audio(predict(predictor, model_version="ace-step-1.5-turbo", prompt="rock", input_audio=tone48,
+                                repainting_start=2.5, repainting_end=-1, num_inference_steps=2, seed=5,
+                                normalization_strategy="clip"))
+    assert "task: repaint" in capsys.readouterr().out  # auto: a window on input_audio = repaint
+    assert np.array_equal(out[:, :120000], src[:, :120000])
+    assert np.abs(out[:, 121000:] - src[:, 121000:]).mean() > 0.01
+
+
+def test_repaint_splice_is_exact_in_the_engine():
+    from lib.diffusion import splice
+
+    rng = np.random.default_rng(0)
+    orig, gen = rng.standard_normal((2, 1000)).astype(np.float32), rng.standard_normal((2, 1000)).astype(np.float32)
+    out = splice(orig, gen, 300, 700, 50)
+    assert np.array_equal(out[:, :300], orig[:, :300]) and np.array_equal(out[:, 700:], orig[:, 700:])
+    assert np.array_equal(out[:, 350:650], gen[:, 350:650])
+    assert np.all(np.abs(out[:, 300:350]) <= np.maximum(np.abs(orig[:, 300:350]), np.abs(gen[:, 300:350])) + 1e-6)
+
+
+@pytest.mark.parametrize("model,kw,task", [
+    ("ace-step-1.5-turbo", dict(input_audio="48"), "cover"),
+    ("audioldm", dict(prompt="rain"), "text2audio"),
+    ("dance-diffusion-maestro", dict(input_audio="16"), "variation"),
+    ("dance-diffusion-maestro", dict(), "unconditional"),
+    ("stable-audio-open", dict(input_audio="48", duration=1.0), "audio2audio"),
+])
+def test_auto_task_is_the_engines_natural_one(predictor, tone48, tone16, capsys, model, kw, task):
+    kw = _inputs(kw, tone48, tone16)
+    kw.setdefault("duration", 1.0) if "input_audio" not in kw else None
+    predict(predictor, model_version=model, num_inference_steps=1, seed=1, **kw)
+    assert f"task: {task}" in capsys.readouterr().out
+
+
+def test_explicit_task_with_auto_model_picks_a_model_that_serves_it(predictor, capsys):
+    predict(predictor, task="text2audio", prompt="birds", duration=1.0, num_inference_steps=1, seed=1)
+    assert re.search(r"task: text2audio, model_version: audioldm2-music", capsys.readouterr().out)
+
+
+def test_variation_strength_moves_away_from_the_input(predictor, tone16):
+    src = read_audio(tone16)[0]
+    near = read_audio(predict(predictor, model_version="dance-diffusion-maestro", input_audio=tone16, strength=0.05,
+                              num_inference_steps=20, seed=2, normalization_strategy="clip"))[0]
+    far = read_audio(predict(predictor, model_version="dance-diffusion-maestro", input_audio=tone16, strength=1.0,
+                             num_inference_steps=20, seed=2, normalization_strategy="clip"))[0]
+    assert np.abs(near - src).mean() < np.abs(far - src).mean()
+
+
+@pytest.mark.parametrize("kw,field,words", [
+    (dict(model_version="audioldm", prompt="x", lyrics="[verse] hi"), "lyrics", "used by ACE-Step 1.5"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", strength=0.3), "strength", "Dance Diffusion (variation)"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", guidance_scale=5), "guidance_scale", "ace-step-1.5-base"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", top_k=10), "top_k", "MusicGen"),
+    (dict(model_version="dance-diffusion-maestro", prompt="x"), "prompt", "ignores this input"),
+    (dict(model_version="small", prompt="x", negative_prompt="noise"), "negative_prompt", "AudioLDM"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", repainting_start=1.0, task="text2music"),
+     "repainting_start", "ACE-Step 1.5 (repaint/lego)"),
+    (dict(model_version="ace-step-1.5-turbo", task="extract", track_name="drums"), "task", "ace-step-1.5-base"),
+    (dict(model_version="stable-audio-open", prompt="x", duration=60), "duration", "47.55"),
+    (dict(model_version="audioldm2-music", prompt="x", duration=45), "duration", "30"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", keyscale="H major"), "keyscale", "C major"),
+    (dict(model_version="ace-step-1.5-turbo", prompt="x", timesignature=5), "timesignature", "6/8"),
+    (dict(model_version="ace-step-1.5-base", task="extract", track_name="kazoo"), "track_name", "vocals"),
+    (dict(model_version="ace-step-1.5-turbo", task="cover", prompt="x"), "input_audio", "needs an input_audio"),
+    (dict(task="unconditional", model_version="small"), "task", "dance-diffusion-maestro"),
+])
+def test_ignored_or_invalid_inputs_name_the_input_and_the_engine(predictor, kw, field, words):
+    with pytest.raises(UserError) as e:
+        predict(predictor, **kw)
+    assert e.value.field == field, e.value
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("kw,field,words", [
+    (dict(repainting_start=3.5), "repainting_start", "past the end"),
+    (dict(repainting_start=1.0, repainting_end=4.0), "repainting_end", "past the end"),
+    (dict(repainting_start=2.0, repainting_end=1.5), "repainting_end", "must be after repainting_start"),
+    (dict(repainting_start=1.0, repainting_end=1.01), "repainting_end", "at least"),
+    (dict(duration=5), "duration", "only 3.00 s long"),
+])
+def test_out_of_range_repaint_windows_fail_clearly(predictor, tone48, kw, field, words):
+    with pytest.raises(UserError) as e:
+        predict(predictor, model_version="ace-step-1.5-turbo", task="repaint", prompt="x", input_audio=tone48,
+                num_inference_steps=1, **kw)
+    assert e.value.field == field, e.value
+    assert words in str(e.value)
+
+
+def test_defaults_of_ignored_inputs_are_fine_on_musicgen(predictor):
+    """MusicGen requests are untouched by the new inputs at their defaults (-1 = end is a default too)."""
+    audio, sr = read_audio(predict(predictor, prompt="beat", duration=1.0, model_version="small", seed=1,
+                                   repainting_end=-1))
+    assert sr == 32000 and audio.shape == (1, 32000)
+
+
+def test_dance_diffusion_old_config_needs_the_time_embedding_quirk(tiny_weights):
+    """The tiny maestro config has no time_embedding_dim (as the real one): plain from_pretrained breaks, ours loads."""
+    import json
+
+    import torch
+    from diffusers import UNet1DModel
+
+    from lib import catalog
+    from lib.diffusion import DanceDiffusionEngine
+
+    folder = tiny_weights / "dance-diffusion-maestro-150k"
+    assert "time_embedding_dim" not in json.loads((folder / "unet" / "config.json").read_text())
+    with pytest.raises(Exception):
+        UNet1DModel.from_pretrained(folder / "unet")
+    eng = DanceDiffusionEngine(catalog.MODELS["dance-diffusion-maestro"], folder, torch.device("cpu"), torch.float32)
+    assert eng.sample_rate == 16000 and eng.channels == 2
+
+
+# -- through the real HTTP server -------------------------------------------------------------------------
+
+@pytest.fixture
+def ready(server):
+    server.wait_ready(60)
+    yield server
+    server.wait_ready(60)
+
+
+def _decode(body):
+    import io
+
+    import soundfile
+
+    from lib.local_server import data_uri_to_bytes
+
+    data, sr = soundfile.read(io.BytesIO(data_uri_to_bytes(body["output"])), always_2d=True, dtype="float32")
+    return data.T, sr
+
+
+def test_http_ace_step_repaint_and_stable_audio(ready, tone48):
+    from lib.local_server import file_to_data_uri
+
+    status, body = ready.predict({"model_version": "ace-step-1.5-turbo", "task": "repaint", "prompt": "rock",
+                                  "input_audio": file_to_data_uri(tone48, "audio/wav"), "repainting_start": 1.0,
+                                  "repainting_end": 2.0, "num_inference_steps": 2, "seed": 4,
+                                  "normalization_strategy": "clip", "output_format": "flac"})
+    assert status == 200 and body["status"] == "succeeded", body
+    audio, sr = _decode(body)
+    src = read_audio(tone48)[0]
+    assert sr == 48000 and audio.shape == src.shape
+    assert np.array_equal(audio[:, :48000], src[:, :48000]) and np.array_equal(audio[:, 96000:], src[:, 96000:])
+    assert "denoising: step 2/2" in body["logs"]
+    ready.wait_ready(60)
+    status, body = ready.predict({"model_version": "stable-audio-open", "prompt": "techno", "duration": 1.5,
+                                  "num_inference_steps": 2, "seed": 1})
+    assert status == 200 and body["status"] == "succeeded", body
+    audio, sr = _decode(body)
+    assert sr == 44100 and audio.shape == (2, 66150)
+
+
+@pytest.mark.parametrize("inputs,words", [
+    ({"model_version": "ace-step-1.5-turbo", "prompt": "x", "bpm": 500}, "bpm"),
+    ({"model_version": "dance-diffusion-maestro", "strength": 1.5}, "strength"),
+    ({"task": "karaoke"}, "task"),
+])
+def test_http_schema_rejects_out_of_range_new_inputs(ready, inputs, words):
+    status, body = ready.predict(inputs)
+    assert status == 422, body
+    assert words in str(body)
+
+
+def test_http_ignored_input_fails_with_the_engine_named(ready):
+    status, body = ready.predict({"model_version": "audioldm", "prompt": "rain", "lyrics": "[verse] hi",
+                                  "duration": 1.0, "num_inference_steps": 1})
+    assert status == 200 and body["status"] == "failed"
+    assert "lyrics" in body["error"] and "ACE-Step 1.5" in body["error"]

@@ -177,7 +177,6 @@ def test_normalization_strategies_measured(predictor, strategy, check):
     (dict(output_format="ogg"), "output_format", "one of"),
     (dict(model_version="large"), "model_version", "script/download-weights large"),
     (dict(model_version="nope"), "model_version", "one of"),
-    (dict(multi_band_diffusion=True), "multi_band_diffusion", "not available yet"),
     (dict(continuation=True), "input_audio", "needs an input_audio"),
     (dict(continuation_start=2), "continuation_start", "continuation=true"),
     (dict(task="melody", model_version="small"), "input_audio", "needs an input_audio"),

@@ -47,6 +47,8 @@ class Predictor(BasePredictor):
         audio_cover_strength: float = P["audio_cover_strength"].input(),
         track_name: Optional[str] = P["track_name"].input(),
         strength: Optional[float] = P["strength"].input(),
+        image: Optional[Path] = P["image"].input(),
+        enhance_prompt: bool = P["enhance_prompt"].input(),
     ) -> Path:
         inputs = dict(locals())
         inputs.pop("self")

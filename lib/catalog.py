@@ -83,4 +83,13 @@ EXTRAS: dict[str, ExtraSpec] = {e.name: e for e in [
     # Multi-Band Diffusion decoder for MusicGen's 32 kHz EnCodec codes (lib.mbd): only the MusicGen file
     ExtraSpec(name="multiband-diffusion", repo="facebook/multiband-diffusion", folder="multiband-diffusion",
               files=("mbd_musicgen_32khz.th",), engine="mbd", feature="multi_band_diffusion"),
+    # image2music / enhance_prompt (lib.image2music): an image captioner and an instruction-tuned prompt writer
+    ExtraSpec(name="blip-captioning-base", repo="Salesforce/blip-image-captioning-base",
+              folder="blip-image-captioning-base", engine="captioner", feature="image",
+              files=("config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+                     "tokenizer.json", "tokenizer_config.json", "vocab.txt")),
+    ExtraSpec(name="qwen2.5-0.5b-instruct", repo="Qwen/Qwen2.5-0.5B-Instruct", folder="qwen2.5-0.5b-instruct",
+              engine="prompt-writer", feature="enhance_prompt",
+              files=("config.json", "generation_config.json", "model.safetensors", "merges.txt", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.json")),
 ]}

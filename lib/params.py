@@ -20,7 +20,8 @@ TASKS = ("auto", "text2music", "melody", "continuation",  # MusicGen (text2music
          "cover", "repaint", "extract", "lego", "complete",  # ACE-Step 1.5 (extract/lego/complete: base model)
          "text2audio",  # AudioLDM / AudioLDM 2 / Stable Audio
          "unconditional", "variation",  # Dance Diffusion
-         "audio2audio")  # Stable Audio Open (init audio)
+         "audio2audio",  # Stable Audio Open (init audio)
+         "image2music")  # any text-to-music model, prompted by the image's caption (lib.image2music)
 ACE_TRACKS = ("vocals", "backing_vocals", "drums", "bass", "guitar", "keyboard", "percussion", "strings", "synth",
               "fx", "brass", "woodwinds")
 
@@ -104,7 +105,9 @@ _PARAMS = [
           "with continuation = continuation; without = melody); on ACE-Step: text2music, or cover with input_audio "
           "(repaint when a repainting window is set); AudioLDM: text2audio; Dance Diffusion: unconditional, or "
           "variation with input_audio; Stable Audio: text2music, or audio2audio with input_audio. With "
-          "model_version=auto, an explicit task picks the first loaded model that serves it.", choices=TASKS),
+          "model_version=auto, an explicit task picks the first loaded model that serves it. image2music (auto when "
+          "`image` is given): the image is captioned, the caption written into a music prompt, and a text-to-music "
+          "model generates from it.", choices=TASKS),
     Param("lyrics", Optional[str], None,
           "ACE-Step: song lyrics, with structure tags such as [verse], [chorus], [bridge]; '[Instrumental]' for "
           "none. Up to 4096 characters."),
@@ -144,6 +147,16 @@ _PARAMS = [
           "Dance Diffusion variation / Stable Audio audio2audio: how far from input_audio to go (how much noise is "
           "added before denoising): near 0 = almost the input, 1 = all new. None = 0.5 (variation), 1 "
           "(audio2audio, diffusers' init-audio behaviour).", ge=0, le=1),
+    # -- image2music and the prompt writer (lib.image2music). Rewritten into a text2music request up front. --
+    Param("image", "path", None,
+          "An image to turn into music (task image2music): a BLIP captioner describes it, a small language model "
+          "(or a fixed template when none is loaded) writes that into a music prompt (genre, mood, instruments, "
+          "tempo), and the text-to-music model generates from it. A `prompt` given too is passed on as a wish. "
+          "PNG, JPEG, WebP, GIF (first frame), BMP or TIFF, up to 30 MiB and 50 megapixels."),
+    Param("enhance_prompt", bool, False,
+          "If `True`, a small language model rewrites `prompt` into a richer music description (genre, mood, "
+          "instruments, tempo) before generation. Seeded: the same seed gives the same rewrite. Both the rewritten "
+          "prompt and the image caption are in the logs."),
 ]
 
 MUSICGEN = ("musicgen",)

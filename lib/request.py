@@ -48,6 +48,8 @@ class Request:
     audio_cover_strength: float = PARAMS["audio_cover_strength"].default
     track_name: Optional[str] = PARAMS["track_name"].default
     strength: Optional[float] = PARAMS["strength"].default
+    image: Optional[Path] = None
+    enhance_prompt: bool = PARAMS["enhance_prompt"].default
     extra: dict = field(default_factory=dict)
 
     @classmethod

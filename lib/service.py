@@ -61,10 +61,13 @@ def files_missing(spec: catalog.ModelSpec, folder: Path) -> list[str]:
 def resolve_models(weights_dir: Path, wanted: Optional[list[str]]) -> dict[str, catalog.ModelSpec]:
     """The models to load. Raises SetupError naming what is missing and the command that fetches it."""
     if wanted:
-        unknown = [n for n in wanted if n not in catalog.MODELS]
+        unknown = [n for n in wanted if n not in catalog.MODELS and n not in catalog.EXTRAS]
         if unknown:
-            raise SetupError(f"COG_MUSIC_MODELS names unknown models {unknown}; known: {', '.join(catalog.MODELS)}")
-        specs = [catalog.MODELS[n] for n in wanted]
+            raise SetupError(f"COG_MUSIC_MODELS names unknown models {unknown}; known: {', '.join(catalog.MODELS)} "
+                             f"(and the helpers {', '.join(catalog.EXTRAS)})")
+        specs = [catalog.MODELS[n] for n in wanted if n in catalog.MODELS]  # EXTRAS are loaded by their features
+        if not specs:
+            raise SetupError(f"COG_MUSIC_MODELS names no music model (only {', '.join(wanted)}): add one, e.g. small")
     else:
         specs = [m for m in catalog.MODELS.values() if (weights_dir / m.folder).is_dir()]
         if not specs:
@@ -124,6 +127,9 @@ class Service:
             log(f"loaded {name} from {self.weights_dir / spec.folder} on {self.device} in "
                 f"{time.perf_counter() - t:.1f}s")
         self.mbd = self._load_mbd()
+        from lib.image2music import PromptStage  # image2music / enhance_prompt: captioner and prompt writer
+
+        self.prompts = PromptStage.load(self.weights_dir, models, self.device, dtype, log)
         self._finetune = None  # the last replicate_weights converted: (ref, model name, FineTune)
 
     def _load_mbd(self):
@@ -172,6 +178,7 @@ class Service:
 
     def predict(self, req: Request) -> Path:
         t_start = time.perf_counter()
+        req = self.prompts.prepare(req, self.specs, log)  # image / enhance_prompt -> a text request, prompt written
         task, spec = check_inputs(req, self.specs)
         engine = self.engines[spec.name]
         seed = resolve_seed(req.seed)

@@ -140,4 +140,7 @@ def write_all(root: Path) -> list[Path]:
     from lib import tiny_diffusion
 
     written += tiny_diffusion.write_all(root)
+    from lib import tiny_image2music  # image2music captioner + prompt writer
+
+    written += tiny_image2music.write_all(root)
     return written

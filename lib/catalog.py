@@ -16,6 +16,9 @@ class ModelSpec:
     melody: bool = False
     size: str = ""
     tasks: tuple = ()  # the `task` values it serves; empty = the MusicGen ones (see tasks_of)
+    # extra download patterns: maestro-150k ships only PyTorch .bin weights (diffusers reads them with
+    # torch.load(weights_only=True), so no code is unpickled); everything else is safetensors
+    extra_files: tuple = ()
 
 
 def _musicgen(name: str, size: str, stereo: bool = False, melody: bool = False) -> ModelSpec:
@@ -46,7 +49,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in [
     ModelSpec(name="audioldm", repo="cvssp/audioldm-s-full-v2", engine="audioldm", folder="audioldm-s-full-v2",
               tasks=("text2audio", "text2music")),
     ModelSpec(name="dance-diffusion-maestro", repo="harmonai/maestro-150k", engine="dance-diffusion",
-              folder="dance-diffusion-maestro-150k", stereo=True, tasks=("unconditional", "variation")),
+              folder="dance-diffusion-maestro-150k", stereo=True, tasks=("unconditional", "variation"),
+              extra_files=("*.bin",)),
     ModelSpec(name="stable-audio-open", repo="stabilityai/stable-audio-open-1.0", engine="stable-audio",
               folder="stable-audio-open-1.0", stereo=True, tasks=("text2music", "text2audio", "audio2audio")),
 ]}

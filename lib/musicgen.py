@@ -20,7 +20,7 @@ from lib import chroma as chroma_lib
 from lib.catalog import ModelSpec
 from lib.errors import UserError
 from lib.musicgen_codes import FRAME_RATE, CodesRequest, Sampling, reference_generate_codes
-from lib.params import EXTEND_STRIDE_S, MUSICGEN_WINDOW_S
+from lib.params import EXTEND_STRIDE_S, MAX_PROMPT_TOKENS, MUSICGEN_WINDOW_S
 from lib.request import check_window_fits
 
 WINDOW_FRAMES = int(MUSICGEN_WINDOW_S * FRAME_RATE)
@@ -61,8 +61,11 @@ class MusicgenEngine:
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def _text(self, prompt: Optional[str]):
-        tokens = self.tokenizer([prompt or ""], return_tensors="pt", padding=True)
+    def _text(self, prompt: Optional[str], log=print):
+        tokens = self.tokenizer([prompt or ""], return_tensors="pt", padding=True, truncation=True,
+                                max_length=MAX_PROMPT_TOKENS)
+        if prompt and tokens.input_ids.shape[1] >= MAX_PROMPT_TOKENS:
+            log(f"prompt truncated to its first {MAX_PROMPT_TOKENS} tokens (the text encoder's length)")
         input_ids = tokens.input_ids.to(self.device)
         mask = tokens.attention_mask.to(self.device)
         if not prompt:
@@ -134,7 +137,7 @@ class MusicgenEngine:
     def generate(self, job: MusicgenJob) -> np.ndarray:
         timings = {}
         t0 = time.perf_counter()
-        input_ids, mask = self._text(job.prompt)
+        input_ids, mask = self._text(job.prompt, job.log)
         total_samples = int(round(job.duration * self.sample_rate))
         total_frames = math.ceil(total_samples / (self.sample_rate / FRAME_RATE))
         sampling = replace(job.sampling, top_k=min(job.sampling.top_k, self.codebook_size))

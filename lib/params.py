@@ -15,6 +15,8 @@ MAX_DURATION_S = 300.0  # longest MusicGen output: windowed extension past 30 s,
 MUSICGEN_WINDOW_S = 30.0  # MusicGen's training context
 EXTEND_STRIDE_S = 18.0  # each new window keeps the last 30 - 18 = 12 s as its prompt (Replicate/audiocraft)
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 4000  # longer prompts get a 422: nobody writes one, and they cost encoder memory
+MAX_PROMPT_TOKENS = 512  # T5's trained length; longer prompts are truncated (and the logs say so)
 
 TASKS = ("auto", "text2music", "melody", "continuation",  # MusicGen (text2music also ACE-Step, Stable Audio, AudioLDM)
          "cover", "repaint", "extract", "lego", "complete",  # ACE-Step 1.5 (extract/lego/complete: base model)
@@ -35,6 +37,7 @@ class Param:
     ge: Optional[float] = None
     le: Optional[float] = None
     choices: Optional[tuple] = None
+    max_length: Optional[int] = None  # strings: longer values get a 422
 
     def input(self):
         """The cog.Input for this parameter (imported lazily so lib/ works without cog installed)."""
@@ -47,12 +50,16 @@ class Param:
             kwargs["le"] = self.le
         if self.choices is not None:
             kwargs["choices"] = list(self.choices)
+        if self.max_length is not None:
+            kwargs["max_length"] = self.max_length
         return Input(**kwargs)
 
 
 _PARAMS = [
     Param("prompt", Optional[str], None,
-          "A description of the music you want to generate. Leave empty for unconditional generation."),
+          "A description of the music you want to generate. Leave empty for unconditional generation. "
+          f"Up to {MAX_PROMPT_CHARS} characters; the text encoder reads its first {MAX_PROMPT_TOKENS} tokens.",
+          max_length=MAX_PROMPT_CHARS),
     Param("input_audio", "path", None,
           "An audio file that will influence the generated music. If `continuation` is `True`, the generated "
           "music will be a continuation of the audio file. Otherwise, the generated music will mimic the audio "
@@ -108,6 +115,7 @@ _PARAMS = [
           "model_version=auto, an explicit task picks the first loaded model that serves it. image2music (auto when "
           "`image` is given): the image is captioned, the caption written into a music prompt, and a text-to-music "
           "model generates from it.", choices=TASKS),
+    # -- diffusion engines (lib.diffusion). None = the engine's own default. --
     Param("lyrics", Optional[str], None,
           "ACE-Step: song lyrics, with structure tags such as [verse], [chorus], [bridge]; '[Instrumental]' for "
           "none. Up to 4096 characters."),

@@ -71,6 +71,8 @@ def _check_ranges(req: Request) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(name, f"must be a finite number, got {value}")
+        if p.max_length is not None and isinstance(value, str) and len(value) > p.max_length:
+            raise UserError(name, f"is {len(value)} characters long, over the {p.max_length} limit: shorten it")
         if p.choices is not None and value not in p.choices:
             raise UserError(name, f"must be one of {', '.join(map(str, p.choices))}, got {value!r}")
         if p.ge is not None and value < p.ge:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -117,6 +118,7 @@ class Service:
             # audio length (EnCodec decode of 35 s: 11.6 s with it, 0.3 s without)
             torch.backends.mkldnn.enabled = False
         self.engines = {}
+        self._locks = {name: threading.Lock() for name in self.specs}
         for name, spec in self.specs.items():
             t = time.perf_counter()
             try:
@@ -186,16 +188,17 @@ class Service:
 
         self._check_musicgen_extras(req, spec)
         try:
-            if getattr(req, "replicate_weights", None):
-                ft = self._finetuned(req, spec, engine)
-                fast, engine.fast = engine.fast, None  # the fast decoder holds fused copies of the base weights
-                try:
-                    with ft.swapped_into(engine.model):
-                        wav = engine.run(req, task, seed, log)
-                finally:
-                    engine.fast = fast
-            else:
-                wav = engine.run(req, task, seed, log)
+            with self._locks[spec.name]:  # one request at a time per model: engines keep per-request state
+                if getattr(req, "replicate_weights", None):
+                    ft = self._finetuned(req, spec, engine)
+                    fast, engine.fast = engine.fast, None  # the fast decoder holds fused copies of the base weights
+                    try:
+                        with ft.swapped_into(engine.model):
+                            wav = engine.run(req, task, seed, log)
+                    finally:
+                        engine.fast = fast
+                else:
+                    wav = engine.run(req, task, seed, log)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise UserError("duration", "the GPU ran out of memory for this request: try a shorter duration")

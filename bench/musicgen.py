@@ -114,6 +114,32 @@ def gpu_check(log):
         w, b = torch.randn(2048, device="cuda", dtype=torch.float16), torch.randn(2048, device="cuda", dtype=torch.float16)
         ref = F.layer_norm(x.float(), (2048,), w.float(), b.float(), 1e-5)
         res["triton_layer_norm_rel_err"] = float((mf._triton_layer_norm(x, w, b, 1e-5).float() - ref).norm() / ref.norm())
+        # fused decode-step kernels: GEMV with layer norm / GELU / residual, fused split self-attention
+        for M in (1, 2, 16):
+            K_, N_ = 2048, 6144
+            x = torch.randn(M, K_, device="cuda", dtype=torch.float16)
+            wt = torch.randn(N_, K_, device="cuda", dtype=torch.float16) * K_ ** -0.5
+            lw, lb = torch.randn(K_, device="cuda", dtype=torch.float16), torch.randn(K_, device="cuda", dtype=torch.float16)
+            r_ = torch.randn(M, N_, device="cuda", dtype=torch.float16)
+            xn = F.layer_norm(x.float(), (K_,), lw.float(), lb.float(), 1e-5).half().float()
+            for tag, kw, ref in (("plain", {}, x.float() @ wt.float().t()),
+                                 ("ln_gelu", dict(ln=(lw, lb), gelu=True), F.gelu(xn @ wt.float().t())),
+                                 ("res", dict(res=r_), r_.float() + x.float() @ wt.float().t())):
+                out = torch.full((M, N_), float("nan"), device="cuda", dtype=torch.float16)
+                mf._gemv(x, wt, out=out, **kw)
+                res[f"triton_gemv_{tag}_m{M}_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        for p_ in (0, 3, 611):
+            kx, vx = kref.clone(), vref.clone()
+            kx[:, :, p_], vx[:, :, p_] = kn, vn
+            ref_ = F.scaled_dot_product_attention(q[:, :, None].float(), kx[:, :, :p_ + 1].float(),
+                                                  vx[:, :, :p_ + 1].float())[:, :, 0]
+            kc2, vc2 = kref.clone(), vref.clone()
+            cnt = torch.zeros(rows * H, dtype=torch.int32, device="cuda")
+            r1 = torch.full_like(q, float("nan"))
+            mf._self_attend_fused(q, kc2, vc2, r1, torch.tensor([p_], device="cuda"), kn, vn, cnt)
+            res[f"triton_fused_attn_rel_err_pos{p_}"] = float((r1.float() - ref_).norm() / ref_.norm())
+            res[f"triton_fused_attn_ok_pos{p_}"] = bool(torch.equal(kc2[:, :, p_], kn) and torch.equal(vc2[:, :, p_], vn)
+                                                        and int(cnt.abs().sum()) == 0)
         log(json.dumps({"kernel_check": res}))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -130,6 +156,9 @@ def gpu_check(log):
     ours = fast.generate_codes(req, torch.Generator(device="cuda").manual_seed(5))
     res["fp32_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref, ours))
     res["fp32_graph_vs_transformers_token_agreement"] = float((ref == ours).float().mean())
+    unf = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1, fused_step=False).generate_codes(
+        req, torch.Generator(device="cuda").manual_seed(5))
+    res["fp32_fused_vs_unfused_step_equal_tokens"] = bool(torch.equal(unf, ours))
     del fast
     model = model.half()
     a = FastMusicgen(model, "cuda", torch.float16).generate_codes(req, torch.Generator(device="cuda").manual_seed(3))

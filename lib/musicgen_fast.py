@@ -28,7 +28,11 @@ stream as the CPU, which GPU arithmetic could not give anyway).
 On CUDA one decode step (embedding sum, all layers, heads, CFG, sampling, delay masking, counters) is
 captured as a CUDA graph per (batch bucket, conditioning-length bucket, sampling mode) and replayed
 (with attn="sdpa", also per KV-length bucket); attention and layer norm are Triton kernels there
-(flash-decoding self-attention that writes the new K/V itself and reads only the filled cache); the host enqueues steps without waiting for the GPU, except that it stays at most
+(flash-decoding self-attention that writes the new K/V itself and reads only the filled cache). For the CFG pair
+(at most 2 rows) the whole step is fused Triton kernels, ~8 per layer (`_decode_step_fused`): a GEMV that reads
+each weight once with the layer norm in its prologue and the residual add / GELU in its epilogue, one-launch
+split attention, one embedding kernel and one sampling kernel (CFG, temperature, top-k, race, delay mask);
+larger batches use cuBLAS for the matrices. The host enqueues steps without waiting for the GPU, except that it stays at most
 `max_inflight` steps ahead so that `on_step` progress and cancellation stay current. On the CPU the same
 code runs eagerly.
 """
@@ -250,6 +254,254 @@ def _triton_layer_norm(x, w, b, eps):
     return y
 
 
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(X, W, Y, R, LW, LB, PF, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr):
+        """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
+        (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
+        X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
+        RES: Y = R + product, added in fp32, rounded once (as addmm). PREFETCH: first, each thread asks L2 for
+        one `pf_chunk`-byte piece of the next kernel's weights (PF, byte offsets up to `pf_last`), so that HBM
+        stays busy through the launch gap and the next kernel's first wave reads from L2."""
+        pid = tl.program_id(0)
+        if PREFETCH:
+            lane = pid * 128 + tl.arange(0, 128)
+            off = tl.minimum(lane.to(tl.int64) * pf_chunk, pf_last)
+            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
+                                      [PF.to(tl.pointer_type(tl.int8)) + off, tl.full([128], pf_chunk, tl.int32)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        m = tl.arange(0, BLOCK_M)
+        mmask = m < M
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        kk = tl.arange(0, BLOCK_K)
+        if LN:
+            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                xm = mmask[:, None] & (k[None, :] < K)
+                x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                s1 += tl.sum(x, axis=1)
+            mean = s1 / K
+            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                xm = mmask[:, None] & (k[None, :] < K)
+                x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                xc = tl.where(xm, x - mean[:, None], 0.0)
+                s2 += tl.sum(xc * xc, axis=1)
+            rstd = tl.rsqrt(s2 / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:
+                w = tl.load(W + n[:, None] * K + k[None, :], eviction_policy="evict_first")
+                x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None], other=0.0)
+            else:
+                w = tl.load(W + n[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
+                x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
+            if LN:
+                lw = tl.load(LW + k, mask=k < K, other=0.0).to(tl.float32)
+                lb = tl.load(LB + k, mask=k < K, other=0.0).to(tl.float32)
+                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        out = acc
+        if GELU:
+            out = out.to(Y.dtype.element_ty).to(tl.float32)
+            out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+        if RES:
+            out += tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * sy + n[None, :], out.to(Y.dtype.element_ty), mask=mmask[:, None])
+
+    @triton.jit
+    def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
+                                so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+        """Flash-decoding in one launch: program (row, head, split) attends to its share of the cache [0, pos)
+        and writes (acc, max, sum); the last split of a (row, head) to finish (atomic counter) merges them with
+        the new key/value, writes the output, writes the new key/value at `pos` and resets the counter."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        nh = tl.num_programs(1)
+        d = tl.arange(0, HD)
+        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
+        kb = K + r * sk_r + h * sk_h
+        vb = V + r * sk_r + h * sk_h
+        n = tl.load(Pos)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        m_i = tl.full([], -1e30, tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([HD], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            valid = t < hi
+            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        rh = r * nh + h
+        base = Part + (rh * NSPLIT + sp) * (HD + 2)
+        tl.store(base + d, acc)
+        tl.store(base + HD, m_i)
+        tl.store(base + HD + 1, l_i)
+        done = tl.atomic_add(Cnt + rh, 1, sem="acq_rel")
+        if done == NSPLIT - 1:
+            j = tl.arange(0, NSPLIT)
+            pb = Part + rh * NSPLIT * (HD + 2)
+            m = tl.load(pb + j * (HD + 2) + HD, volatile=True)
+            l = tl.load(pb + j * (HD + 2) + HD + 1, volatile=True)
+            a = tl.load(pb + j[:, None] * (HD + 2) + d[None, :], volatile=True)
+            kn = tl.load(KN + r * skn_r + h * skn_h + d)
+            vn = tl.load(VN + r * skn_r + h * skn_h + d)
+            s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
+            mx = tl.maximum(tl.max(m, axis=0), s1)
+            w = tl.exp(m - mx)
+            p1 = tl.exp(s1 - mx)
+            den = tl.sum(l * w, axis=0) + p1
+            out = tl.sum(a * w[:, None], axis=0) + p1 * vn.to(tl.float32)
+            tl.store(O + r * so_r + h * so_h + d, (out / den).to(O.dtype.element_ty))
+            tl.store(kb + n * sk_t + d, kn)
+            tl.store(vb + n * sk_t + d, vn)
+            tl.atomic_xchg(Cnt + rh, 0)
+
+    @triton.jit
+    def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of the decoder input: sum over codebooks of the embedding of cur[r % bb, k] (fp32 sum,
+        rounded), plus the position embedding at kv_pos (added in fp32, rounded)."""
+        r = tl.program_id(0)
+        b = r % bb
+        c = tl.arange(0, BLOCK)
+        cm = c < D
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(KCB):
+            tok = tl.load(Cur + b * KCB + k)
+            acc += tl.load(Emb + (tok + k * V1) * D + c, mask=cm, other=0.0).to(tl.float32)
+        pos = tl.load(Pos)
+        pe = tl.load(Pe + pos * D + c, mask=cm, other=0.0).to(tl.float32)
+        e = acc.to(Hout.dtype.element_ty).to(tl.float32)
+        tl.store(Hout + r * D + c, (e + pe).to(Hout.dtype.element_ty), mask=cm)
+
+    @triton.jit
+    def _sample_kernel(L, Noise, NoiseI, Delay, Col, Seq, Cur, Scale, Temp, TopK, bb, KCB, V, sl, sn_c, sd_b, sd_k,
+                       CFG: tl.constexpr, USE_TEMP: tl.constexpr, USE_TOPK: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One (batch, codebook) row: CFG mix of the fp32 logits, / temperature, top-k (k-th largest kept,
+        ties too), softmax, exponential race with this step's noise row, delay mask, write seq and cur."""
+        j = tl.program_id(0)
+        b = j // KCB
+        kc = j % KCB
+        v = tl.arange(0, BLOCK_V)
+        vm = v < V
+        lg = tl.load(L + b * sl + kc * V + v, mask=vm, other=0.0).to(tl.float32)
+        if CFG:
+            un = tl.load(L + (b + bb) * sl + kc * V + v, mask=vm, other=0.0).to(tl.float32)
+            lg = un + (lg - un) * tl.load(Scale)
+        if USE_TEMP:
+            lg = lg / tl.load(Temp)
+        lg = tl.where(vm, lg, float("-inf"))
+        if USE_TOPK:
+            srt = tl.sort(lg, descending=True)
+            kth = tl.max(tl.where(v == tl.load(TopK) - 1, srt, float("-inf")), axis=0)
+            lg = tl.where(lg < kth, float("-inf"), lg)
+        mx = tl.max(lg, axis=0)
+        e = tl.exp(lg - mx)
+        p = e / tl.sum(e, axis=0)
+        ni = tl.load(NoiseI)
+        noise = tl.load(Noise + ni * sn_c + j * V + v, mask=vm, other=1.0)
+        noise = tl.maximum(noise, 1.1754943508222875e-38)
+        ratio = tl.where(vm, p / noise, -1.0)
+        tok = tl.argmax(ratio, axis=0, tie_break_left=True)
+        col = tl.load(Col)
+        forced = tl.load(Delay + b * sd_b + kc * sd_k + col)
+        new = tl.where(forced == -1, tok.to(tl.int64), forced)
+        tl.store(Seq + b * sd_b + kc * sd_k + col, new)
+        tl.store(Cur + j, new)
+
+    @triton.jit
+    def _advance_kernel(A, B, C):
+        tl.store(A, tl.load(A) + 1)
+        tl.store(B, tl.load(B) + 1)
+        tl.store(C, tl.load(C) + 1)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) per (rows bucket, N, K); filled from bench sweeps, else the heuristic below
+GEMV_CONFIGS: dict = {}
+
+
+def _gemv_config(M, N, K, elt):
+    cfg = GEMV_CONFIGS.get((M, N, K))
+    if cfg is not None:
+        return cfg
+    # from bench/gemv_sweep.py on an H100 (2 rows): 1024-wide K steps, 2 rows of W per program up to N = 2048,
+    # else 4096 elements of W per step; 4 warps
+    bm = triton.next_power_of_2(M)
+    bk = 1024 * 2 // elt
+    while bk > 64 and (K % bk or bm * bk > 2048):
+        bk //= 2
+    bn = 2 if N <= 2048 else max(2, 4096 // bk)
+    while bn > 1 and bm * bn * bk > 16384:
+        bn //= 2
+    return bn, bk, 4
+
+
+PREFETCH_OK = None  # whether the L2 bulk prefetch compiles and runs here (checked once, on first use)
+
+
+def _prefetch_ok(device) -> bool:
+    global PREFETCH_OK
+    if PREFETCH_OK is None:
+        try:
+            x = torch.randn(2, 256, device=device, dtype=torch.float16)
+            w = torch.randn(64, 256, device=device, dtype=torch.float16)
+            y = _gemv(x, w, prefetch=(w, w.numel() * 2))
+            torch.cuda.synchronize(device)
+            PREFETCH_OK = bool(torch.allclose(y.float(), x.float() @ w.float().t(), rtol=1e-2, atol=1e-2))
+        except Exception:  # pragma: no cover (an older GPU or Triton): run without
+            PREFETCH_OK = False
+    return PREFETCH_OK
+
+
+def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None):
+    """x (M, K) rows with unit last stride, w (N, K) contiguous -> (M, N), see _gemv_kernel.
+    prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start)."""
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bn, bk, nw = config or _gemv_config(M, N, K, x.element_size())
+    lw, lb = ln if ln is not None else (w, w)
+    r = res if res is not None else out
+    grid = triton.cdiv(N, bn)
+    pf, chunk, last = w, 16, 0
+    if prefetch is not None and prefetch[1] >= 16:
+        pf, nbytes = prefetch
+        nbytes = min(nbytes, pf.numel() * pf.element_size()) // 16 * 16
+        chunk = max(16, nbytes // (grid * 128) // 16 * 16)
+        last = nbytes - chunk
+    _gemv_kernel[(grid,)](
+        x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
+        GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16, num_warps=nw)
+    return out
+
+
+def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8):
+    rows, H, hd = q.shape
+    part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
+    _self_attn_fused_kernel[(rows, H, nsplit)](
+        q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
+        HD=hd, BLOCK_T=64, NSPLIT=nsplit, num_warps=4)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ weights
 @dataclass
 class _Layer:
@@ -288,6 +540,7 @@ class _Slot:
     temp: torch.Tensor  # () fp32
     top_k: torch.Tensor  # (1,) long
     top_p_thr: torch.Tensor  # () fp32: 1 - top_p
+    cnt: torch.Tensor | None = None  # (rows * H,) int32 zeros: the fused self-attention's split counters
     graphs: dict = field(default_factory=dict)
 
 
@@ -298,7 +551,7 @@ class FastMusicgen:
 
     def __init__(self, model, device=None, dtype=None, *, kv_block: int = 256, cond_block: int = 32,
                  noise_chunk: int = 64, max_inflight: int = 16, use_cuda_graphs: bool | None = None,
-                 attn: str | None = None):
+                 attn: str | None = None, fused_step: bool | None = None, prefetch_bytes: int = 0):
         self.model = model
         lm = model.decoder  # MusicgenForCausalLM / MusicgenMelodyForCausalLM
         dec = lm.model.decoder
@@ -323,9 +576,19 @@ class FastMusicgen:
         # when Triton is there; "sdpa" (torch SDPA over a KV-length bucket) elsewhere, e.g. on the CPU
         self.attn = attn or ("triton" if self.cuda and triton is not None else "sdpa")
         self.fused = self.attn == "triton"
+        # the decode step as fused Triton GEMV / attention / sampling kernels (False: cuBLAS + Triton attention)
+        self.fused_step = self.fused if fused_step is None else (fused_step and self.fused)
+        # fused step: each weight GEMV asks L2 for the first `prefetch_bytes` of the next one (0: off; on an
+        # H100 8 MB and 24 MB made medium/large 7-11% slower, bench/README.md)
+        self.prefetch_bytes = prefetch_bytes
+        # the fused GEMV is tuned for the CFG pair (2 rows); at 8 and 16 rows it ran 2-7x slower than cuBLAS
+        # (bench/README.md), so batched requests keep the cuBLAS step
+        self.fused_max_rows = 2
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[cfg.activation_function]
+        if cfg.activation_function != "gelu":  # the fused fc1 epilogue is the exact (erf) GELU
+            self.fused_step = False
         self.eps = dec.layer_norm.eps
 
         def w(t):
@@ -414,7 +677,8 @@ class FastMusicgen:
                      noise=torch.ones(self.noise_chunk, bb * self.K, self.V, **f32),
                      kv_pos=torch.zeros(1, **lng), col=torch.zeros(1, **lng), noise_i=torch.zeros(1, **lng),
                      scale=torch.ones((), **f32), temp=torch.ones((), **f32), top_k=torch.ones(1, **lng),
-                     top_p_thr=torch.zeros((), **f32))
+                     top_p_thr=torch.zeros((), **f32),
+                     cnt=torch.zeros(rows * self.H, dtype=torch.int32, device=dev))
         self._slots[(rows, cond_len)] = slot
         return slot
 
@@ -520,7 +784,52 @@ class FastMusicgen:
         s.col.add_(1)
         s.noise_i.add_(1)
 
+    def _decode_step_fused(self, s: _Slot, cfg: bool, mode: tuple):
+        """One decode step on CUDA in ~8 kernels per layer: layer norms inside the GEMV kernels that follow
+        them, residual adds and GELU in their epilogues, self-attention (split + merge + KV write) in one
+        launch; embedding sum + position in one kernel; CFG, temperature, top-k, softmax, the race and the
+        delay mask in one more (top-p and the on_logits hook take the torch path)."""
+        rows, D, H, hd, eps = s.rows, self.D, self.H, self.hd, self.eps
+        bb = s.seq.shape[0]
+        h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
+        _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, KCB=self.K,
+                               BLOCK=triton.next_power_of_2(D), num_warps=4)
+        pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
+        order = [w for lay in self.layers for w in (lay.wqkv, lay.wo, lay.wq_c, lay.wo_c, lay.fc1, lay.fc2)
+                 if w is not None] + [self.heads]
+        nxt = {id(a): b for a, b in zip(order, order[1:])}
+
+        def pf(w):  # each GEMV pulls the start of the next one's weights into L2
+            return (nxt[id(w)], pfb) if pfb and id(w) in nxt else None
+
+        for i, lay in enumerate(self.layers):
+            qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv)).view(rows, 3, H, hd)
+            a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
+            _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt)
+            h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo))
+            if lay.wq_c is not None:
+                q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c)).view(rows, H, hd)
+                a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
+                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len)
+                h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c))
+            f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1))
+            h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2))
+        logits = _gemv(h, self.heads, ln=self.ln_f, eps=eps)
+        use_temp, use_topk, use_topp = mode
+        if use_topp or self.on_logits is not None:
+            self._sample_write(s, logits, cfg, mode)
+        else:
+            _sample_kernel[(bb * self.K,)](
+                logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
+                self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
+                CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
+            _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, num_warps=1)
+            return
+        s.kv_pos.add_(1)
+
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
+        if self.fused and self.fused_step and s.rows <= self.fused_max_rows:
+            return self._decode_step_fused(s, cfg, mode)
         h = self._embed(s.cur[..., None], cfg) + self._pe.index_select(0, s.kv_pos)
         h = self._blocks(s, h, None, kv_len)
         self._sample_write(s, F.linear(h[:, -1], self.heads), cfg, mode)

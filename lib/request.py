@@ -188,7 +188,7 @@ def check_inputs(req: Request, loaded: dict[str, catalog.ModelSpec]) -> tuple[st
                 raise UserError("continuation_end", f"must be after continuation_start ({req.continuation_start:g} "
                                                     f"s), got {end:g} s")
             window = end - req.continuation_start
-            _check_window_fits(window, req.duration)
+            check_window_fits(window, req.duration)
     return task, model
 
 
@@ -231,15 +231,11 @@ def _check_task_and_ignored_inputs(req: Request, task: str, model: catalog.Model
                                   f"its default ({PARAMS[name].default!r}) or pick a model that uses it")
 
 
-def _check_window_fits(window_s: float, duration: float) -> None:
+def check_window_fits(window_s: float, duration: float) -> None:
+    """The continued window must leave room for new music within one 30 s MusicGen window."""
     limit = min(duration, MUSICGEN_WINDOW_S)
     if window_s >= limit:
         raise UserError("continuation_end", f"the continued part is {window_s:.2f} s long but must be shorter than "
                                             f"{limit:g} s (min of duration and {MUSICGEN_WINDOW_S:.0f} s): the "
                                             "output holds that part followed by new music. Shorten the window or "
                                             "raise duration.")
-
-
-def check_window_fits(window_s: float, duration: float) -> None:
-    """Called once the clip is decoded, when the window ends at the end of the clip."""
-    _check_window_fits(window_s, duration)

@@ -42,8 +42,13 @@ def _input_schema(info) -> tuple[dict, dict]:
             prop["pattern"] = field.regex
         if field.deprecated:
             prop["deprecated"] = True
-        if _is_optional(field) and "allOf" not in prop:
-            prop["nullable"] = True
+        if _is_optional(field):
+            # null means "not given" (Replicate's clients send `"seed": null`): JSON Schema's way, which the
+            # server's validator reads, where OpenAPI 3.0's `nullable` would be ignored
+            if "allOf" in prop:
+                prop["anyOf"] = [*prop.pop("allOf"), {"type": "null"}]
+            else:
+                prop["type"] = [prop["type"], "null"]
         props[name] = prop
     schema = {"title": "Input", "type": "object", "properties": props}
     if required:
@@ -67,25 +72,25 @@ def build_schema(module: str = "predict", predictor: str = "Predictor") -> dict:
                                                              "failed"]}
     webhook_event = {"title": "WebhookEvent", "type": "string", "enum": ["start", "output", "logs", "completed"]}
     prediction_request = {"title": "PredictionRequest", "type": "object", "properties": {
-        "id": {"title": "Id", "type": "string", "nullable": True},
-        "created_at": {"title": "Created At", "type": "string", "format": "date-time", "nullable": True},
+        "id": {"title": "Id", "type": ["string", "null"]},
+        "created_at": {"title": "Created At", "type": ["string", "null"], "format": "date-time"},
         "input": {"$ref": "#/components/schemas/Input"},
-        "webhook": {"title": "Webhook", "type": "string", "format": "uri", "nullable": True},
+        "webhook": {"title": "Webhook", "type": ["string", "null"], "format": "uri"},
         "webhook_events_filter": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookEvent"},
                                   "default": ["start", "output", "logs", "completed"]},
-        "output_file_prefix": {"title": "Output File Prefix", "type": "string", "nullable": True},
+        "output_file_prefix": {"title": "Output File Prefix", "type": ["string", "null"]},
     }}
     prediction_response = {"title": "PredictionResponse", "type": "object", "properties": {
-        "id": {"title": "Id", "type": "string", "nullable": True},
+        "id": {"title": "Id", "type": ["string", "null"]},
         "input": {"$ref": "#/components/schemas/Input"},
         "output": {"$ref": "#/components/schemas/Output"},
         "status": {"$ref": "#/components/schemas/Status"},
-        "error": {"title": "Error", "type": "string", "nullable": True},
+        "error": {"title": "Error", "type": ["string", "null"]},
         "logs": {"title": "Logs", "type": "string", "default": ""},
-        "metrics": {"title": "Metrics", "type": "object", "nullable": True},
-        "created_at": {"type": "string", "format": "date-time", "nullable": True},
-        "started_at": {"type": "string", "format": "date-time", "nullable": True},
-        "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+        "metrics": {"title": "Metrics", "type": ["object", "null"]},
+        "created_at": {"type": ["string", "null"], "format": "date-time"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "completed_at": {"type": ["string", "null"], "format": "date-time"},
     }}
     validation_error = {"title": "ValidationError", "type": "object", "required": ["loc", "msg", "type"],
                         "properties": {"loc": {"type": "array", "items": {"anyOf": [{"type": "string"},
@@ -135,7 +140,7 @@ def build_schema(module: str = "predict", predictor: str = "Predictor") -> dict:
                                                      "content": {"application/json": {"schema": {}}}}}}},
     }
     return {
-        "openapi": "3.0.2",
+        "openapi": "3.1.0",
         "info": {"title": "Cog", "version": "0.1.0"},
         "paths": paths,
         "components": {"schemas": {

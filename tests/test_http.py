@@ -2,6 +2,7 @@
 validation (422), failed predictions, cancel — and the server stays READY through all of it."""
 import io
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -83,7 +84,7 @@ def test_openapi_lists_every_input_with_its_default_range_and_choices(ready):
         if p.le is not None:
             assert prop["maximum"] == p.le, name
         if p.choices is not None:
-            ref = prop["allOf"][0]["$ref"].rsplit("/", 1)[1]
+            ref = (prop.get("allOf") or prop["anyOf"])[0]["$ref"].rsplit("/", 1)[1]
             assert comps[ref]["enum"] == list(p.choices), name
         assert prop["description"] == p.description
     assert props["input_audio"]["format"] == "uri"
@@ -92,6 +93,15 @@ def test_openapi_lists_every_input_with_its_default_range_and_choices(ready):
                               output_format="wav", normalization_strategy="loudness", continuation=False,
                               continuation_start=0, multi_band_diffusion=False).items():
         assert props[name]["default"] == default
+
+
+def test_null_means_not_given_as_replicate_clients_send_it(ready):
+    status, body = ready.predict({"prompt": "x", "duration": 1, "model_version": "small", "seed": None,
+                                  "continuation_end": None, "input_audio": None})
+    assert status == 200 and body["status"] == "succeeded", body
+    assert re.search(r"seed: \d+", body["logs"])  # a random seed was drawn and reported
+    status, body = ready.predict({"prompt": "x", "duration": None})
+    assert status == 422 and body["detail"][0]["loc"][-1] == "duration"  # not optional: null is refused
 
 
 def test_sync_prediction_returns_the_audio(ready):

@@ -930,7 +930,9 @@ class FastMusicgen:
             return self._generate(req, generator)
         except torch.cuda.OutOfMemoryError as e:
             self.release()
-            raise RuntimeError(f"GPU out of memory while generating MusicGen codes (caches freed): {e}") from e
+            # re-raised as an OOM (after freeing our caches) so the service turns it into the one user-facing
+            # "try a shorter duration" error, whichever path ran out
+            raise torch.cuda.OutOfMemoryError(f"GPU out of memory while generating MusicGen codes (caches freed): {e}") from e
 
     @torch.inference_mode()
     def _generate(self, req: CodesRequest, generator: torch.Generator) -> torch.Tensor:

@@ -129,7 +129,7 @@ class MusicgenEngine:
                             guidance_scale=float(req.classifier_free_guidance))
         return self.generate(MusicgenJob(prompt=req.prompt, duration=float(req.duration), seed=seed, melody=melody,
                                          continue_audio=continue_audio, log=log, sampling=sampling,
-                                         multi_band_diffusion=bool(getattr(req, "multi_band_diffusion", False))))
+                                         multi_band_diffusion=bool(req.multi_band_diffusion)))
 
     def _continuation_window(self, req) -> np.ndarray:
         """The [continuation_start, continuation_end] slice of input_audio, checked against the clip."""

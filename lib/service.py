@@ -161,7 +161,7 @@ class Service:
                                                     f"({self.weights_dir / extra.folder / extra.files[0]} is "
                                                     f"missing): fetch them with `script/download-weights "
                                                     f"{extra.name}` and restart, or set multi_band_diffusion=false")
-        if getattr(req, "replicate_weights", None) and spec.engine != "musicgen":
+        if req.replicate_weights and spec.engine != "musicgen":
             raise UserError("replicate_weights", f"fine-tuned weights are MusicGen LMs; {spec.name} is not a "
                                                  "MusicGen model")
 
@@ -189,7 +189,7 @@ class Service:
         self._check_musicgen_extras(req, spec)
         try:
             with self._locks[spec.name]:  # one request at a time per model: engines keep per-request state
-                if getattr(req, "replicate_weights", None):
+                if req.replicate_weights:
                     ft = self._finetuned(req, spec, engine)
                     fast, engine.fast = engine.fast, None  # the fast decoder holds fused copies of the base weights
                     try:

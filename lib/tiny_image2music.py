@@ -124,22 +124,20 @@ def _mark(directory: Path) -> Path:
     return directory
 
 
-def write_captioner(directory: Path, seed: int = 0) -> Path:
+def _save(directory: Path, model, processor) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, processor = build_captioner(seed)
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
     return _mark(directory)
 
 
+def write_captioner(directory: Path, seed: int = 0) -> Path:
+    return _save(directory, *build_captioner(seed))
+
+
 def write_writer(directory: Path, seed: int = 0) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model, tok = build_writer(seed)
-    model.save_pretrained(directory, safe_serialization=True)
-    tok.save_pretrained(directory)
-    return _mark(directory)
+    return _save(directory, *build_writer(seed))
 
 
 def write_all(root: Path) -> list[Path]:

@@ -102,6 +102,14 @@ def build_schema(module: str = "predict", predictor: str = "Predictor") -> dict:
     def json_response(ref: str) -> dict:
         return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
+    def prediction_body(required: bool) -> dict:
+        body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}}
+        return {"required": True, **body} if required else body
+
+    prediction_responses = {
+        "200": {"description": "Successful Response", **json_response("PredictionResponse")},
+        "422": {"description": "Validation Error", **json_response("HTTPValidationError")}}
+
     paths = {
         "/": {"get": {"summary": "Root", "operationId": "root__get",
                       "responses": {"200": {"description": "Successful Response",
@@ -114,20 +122,14 @@ def build_schema(module: str = "predict", predictor: str = "Predictor") -> dict:
             "description": "Run a single prediction on the model",
             "parameters": [{"in": "header", "name": "prefer", "required": False,
                             "schema": {"type": "string", "title": "Prefer"}}],
-            "requestBody": {"content": {"application/json": {"schema": {
-                "$ref": "#/components/schemas/PredictionRequest"}}}},
-            "responses": {"200": {"description": "Successful Response", **json_response("PredictionResponse")},
-                          "422": {"description": "Validation Error", **json_response("HTTPValidationError")}}}},
+            "requestBody": prediction_body(required=False), "responses": prediction_responses}},
         "/predictions/{prediction_id}": {"put": {
             "summary": "Predict Idempotent", "operationId": "predict_idempotent_predictions__prediction_id__put",
             "parameters": [{"in": "path", "name": "prediction_id", "required": True,
                             "schema": {"type": "string", "title": "Prediction ID"}},
                            {"in": "header", "name": "prefer", "required": False,
                             "schema": {"type": "string", "title": "Prefer"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "$ref": "#/components/schemas/PredictionRequest"}}}},
-            "responses": {"200": {"description": "Successful Response", **json_response("PredictionResponse")},
-                          "422": {"description": "Validation Error", **json_response("HTTPValidationError")}}}},
+            "requestBody": prediction_body(required=True), "responses": prediction_responses}},
         "/predictions/{prediction_id}/cancel": {"post": {
             "summary": "Cancel", "operationId": "cancel_predictions__prediction_id__cancel_post",
             "parameters": [{"in": "path", "name": "prediction_id", "required": True,

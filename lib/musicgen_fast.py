@@ -591,38 +591,78 @@ class FastMusicgen:
             self.fused_step = False
         self.eps = dec.layer_norm.eps
 
-        def w(t):
-            return t.detach().to(self.device, self.dtype).contiguous()
+        def buf(*shape):
+            return torch.empty(shape, device=self.device, dtype=self.dtype)
 
-        def ln(m):
-            return (w(m.weight), w(m.bias))
-
-        with torch.no_grad():
-            self.emb = torch.stack([w(e.weight) for e in dec.embed_tokens]).view(-1, self.D)  # (K*(V+1), D)
-            self.emb_offsets = (torch.arange(self.K, device=self.device) * (self.V + 1))
-            self.layers = []
-            for layer in dec.layers:
-                sa = layer.self_attn
-                lay = _Layer(ln1=ln(layer.self_attn_layer_norm),
-                             wqkv=w(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])),
-                             wo=w(sa.out_proj.weight), ln3=ln(layer.final_layer_norm),
-                             fc1=w(layer.fc1.weight), fc2=w(layer.fc2.weight))
-                for lin in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, layer.fc1, layer.fc2):
-                    assert lin.bias is None, "MusicGen decoder linears carry no bias"
-                if not self.melody:
-                    ca = layer.encoder_attn
-                    lay.ln2 = ln(layer.encoder_attn_layer_norm)
-                    lay.wq_c, lay.wo_c = w(ca.q_proj.weight), w(ca.out_proj.weight)
-                    lay.wkv_c = w(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
-                self.layers.append(lay)
-            self.ln_f = ln(dec.layer_norm)
-            self.heads = torch.cat([w(h.weight) for h in lm.lm_heads])  # (K*V, D)
+        # the decoder weights, fused: allocated here, filled from the model by reload_weights (_weight_pairs
+        # is the one description of what goes where)
+        D, ffn = self.D, cfg.ffn_dim
+        self.emb = buf(self.K * (self.V + 1), D)  # the K embedding tables, stacked
+        self.emb_offsets = (torch.arange(self.K, device=self.device) * (self.V + 1))
+        self.layers = []
+        for _ in dec.layers:
+            lay = _Layer(ln1=(buf(D), buf(D)), wqkv=buf(3 * D, D), wo=buf(D, D), ln3=(buf(D), buf(D)),
+                         fc1=buf(ffn, D), fc2=buf(D, ffn))
+            if not self.melody:
+                lay.ln2, lay.wq_c, lay.wkv_c, lay.wo_c = (buf(D), buf(D)), buf(D, D), buf(2 * D, D), buf(D, D)
+            self.layers.append(lay)
+        self.ln_f = (buf(D), buf(D))
+        self.heads = buf(self.K * self.V, D)  # (K*V, D)
+        self.reload_weights()
         self.n_layers = len(self.layers)
         self._pe = torch.zeros(0, self.D)
         self._slots: dict[tuple, _Slot] = {}
         self._kv: dict[int, tuple] = {}
         self._pool = None
         self.on_logits = None  # optional callback(raw logits (rows, K*V)) per step, for the parity tests
+
+    def _weight_pairs(self):
+        """(destination, source) for every decoder weight: each destination is a view into this decoder's
+        fused buffers (the K embedding tables stacked, q/k/v and cross k/v concatenated, the K lm heads
+        stacked), each source a tensor of `self.model`. The one description of the layout."""
+        lm = self.model.decoder
+        dec = lm.model.decoder
+
+        def rows(dest, *parts):  # parts stacked along dim 0 of dest
+            off = 0
+            for part in parts:
+                yield dest[off:off + part.shape[0]], part
+                off += part.shape[0]
+            if off != dest.shape[0]:
+                raise ValueError(f"the model's weights fill {off} of {dest.shape[0]} rows of a fused buffer")
+
+        def ln(dest, norm):
+            yield dest[0], norm.weight
+            yield dest[1], norm.bias
+
+        yield from rows(self.emb, *[e.weight for e in dec.embed_tokens])
+        for layer, lay in zip(dec.layers, self.layers, strict=True):
+            sa = layer.self_attn
+            for lin in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, layer.fc1, layer.fc2):
+                assert lin.bias is None, "MusicGen decoder linears carry no bias"
+            yield from ln(lay.ln1, layer.self_attn_layer_norm)
+            yield from rows(lay.wqkv, sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight)
+            yield lay.wo, sa.out_proj.weight
+            yield from ln(lay.ln3, layer.final_layer_norm)
+            yield lay.fc1, layer.fc1.weight
+            yield lay.fc2, layer.fc2.weight
+            if not self.melody:
+                ca = layer.encoder_attn
+                yield from ln(lay.ln2, layer.encoder_attn_layer_norm)
+                yield lay.wq_c, ca.q_proj.weight
+                yield from rows(lay.wkv_c, ca.k_proj.weight, ca.v_proj.weight)
+                yield lay.wo_c, ca.out_proj.weight
+        yield from ln(self.ln_f, dec.layer_norm)
+        yield from rows(self.heads, *[h.weight for h in lm.lm_heads])
+
+    @torch.no_grad()
+    def reload_weights(self):
+        """Copy the current decoder weights of `self.model` (e.g. a fine-tune swapped into it) into this
+        decoder's buffers, in place: CUDA graphs captured on them stay valid. Shapes cannot change."""
+        for dest, src in self._weight_pairs():
+            if dest.shape != src.shape:
+                raise ValueError(f"weight of shape {tuple(src.shape)} for a buffer of {tuple(dest.shape)}")
+            dest.copy_(src.detach())
 
     # ------------------------------------------------------------------------------------------ memory
     def release(self):

@@ -114,3 +114,33 @@ def test_predict_with_replicate_weights(predictor, tmp_path):
     again = read_audio(predict(predictor, prompt="lofi beat", duration=1.0, seed=5, model_version="small"))[0]
     assert ft.shape == base.shape and not (ft == base).all()
     assert (again == base).all()
+
+
+@pytest.mark.parametrize("arch", ["mono", "melody"])
+def test_fast_decoder_reloads_finetune_in_place(arch, tmp_path, monkeypatch):
+    """FastMusicgen.reload_weights: the fine-tune swapped into the model, then the base again, copied into the
+    same buffers; the fast decoder's codes equal transformers' on each with the same noise."""
+    from lib.musicgen_fast import FastMusicgen
+    from tests.test_musicgen_fast import ARCHS, make_request, run_reference
+
+    stereo, melody = ARCHS[arch]
+    model = build_musicgen(stereo=stereo, melody=melody, seed=3)
+    fast = FastMusicgen(model, device="cpu", dtype=torch.float32)
+    buffers = [dest.data_ptr() for dest, _ in fast._weight_pairs()]
+    req = make_request(model, arch, new_frames=10)
+
+    def fast_codes():
+        return fast.generate_codes(req, torch.Generator().manual_seed(7))
+
+    base_ref, _ = run_reference(model, req, 7, monkeypatch)
+    assert torch.equal(fast_codes(), base_ref)
+    ft = ac.FineTune.load(str(ac.save_export(model, tmp_path / "state_dict.bin", perturb=_perturb)), model)
+    with ft.swapped_into(model):
+        fast.reload_weights()
+        ft_ref, _ = run_reference(model, req, 7, monkeypatch)
+        assert not torch.equal(ft_ref, base_ref)  # the fine-tune changes the music
+        assert torch.equal(fast_codes(), ft_ref)
+    fast.reload_weights()
+    assert torch.equal(fast_codes(), base_ref)
+    assert [dest.data_ptr() for dest, _ in fast._weight_pairs()] == buffers  # in place: graphs stay valid
+    assert all(torch.equal(dest, src) for dest, src in fast._weight_pairs())

@@ -1,25 +1,27 @@
-"""Fine-tuned MusicGen LMs in audiocraft's export format -> our transformers MusicGen decoder.
+"""Fine-tuned MusicGen checkpoints in audiocraft's export format -> our transformers MusicGen.
 
 audiocraft (and Replicate's MusicGen trainer) export `state_dict.bin` = {"xp.cfg": YAML string,
-"best_state": {name: tensor}, "version", "exported"} and `compression_state_dict.bin` (the EnCodec, or
-{"pretrained": "facebook/encodec_32khz"} - a reference to the base one). Fine-tunes keep EnCodec frozen,
-so we keep the base model's EnCodec and convert the LM only. Files are read with
+"best_state": {name: tensor}, "version", "exported"} (the LM) and `compression_state_dict.bin`: either the
+same layout for a retrained EnCodec, or {"pretrained": "facebook/encodec_32khz"}, a reference to the base
+one (what fine-tunes that keep EnCodec frozen write). The LM is converted into the decoder; a shipped
+EnCodec into the model's `audio_encoder`; a reference keeps the base model's EnCodec. Files are read with
 torch.load(weights_only=True): tensors, dicts and strings only, never arbitrary objects.
 
-`replicate_weights` (a URL or a local path) points at either a `state_dict.bin` or a tar / zip archive
-holding one (as Replicate's trainer outputs). `fetch_weights` downloads once (http/https only, size cap,
-timeout), caches by content hash, and `convert` checks the shapes against the loaded base model.
+`replicate_weights` (a URL or a local path) points at a `state_dict.bin`, a tar / zip archive holding one
+(as Replicate's trainer outputs), or a local folder holding one; archives and folders may hold a
+`compression_state_dict.bin` beside it. `fetch_weights` downloads once (http/https only, size cap,
+timeout), caches by content hash, and the conversions check configs and shapes against the loaded model.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +34,7 @@ MAX_BYTES = int(os.environ.get("COG_MUSIC_MAX_WEIGHTS_BYTES", 16 * 2**30))
 TIMEOUT_S = float(os.environ.get("COG_MUSIC_WEIGHTS_TIMEOUT_S", 600))
 CACHE_DIR = Path(os.environ.get("COG_MUSIC_WEIGHTS_CACHE", Path(tempfile.gettempdir()) / "cog-music-finetunes"))
 LM_FILE = "state_dict.bin"
+COMPRESSION_FILE = "compression_state_dict.bin"
 
 
 def _err(msg: str) -> UserError:
@@ -71,25 +74,43 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _extract_lm(path: Path, dest: Path) -> Path:
-    """`path` itself, or the state_dict.bin inside a tar / zip archive."""
+def _pick(names: list[str], near: Optional[str] = None) -> Optional[str]:
+    """The archive member to use among same-named ones: the one beside `near` (the LM file), else the
+    shallowest."""
+    if near is not None:
+        beside = [n for n in names if Path(n).parent == Path(near).parent]
+        names = beside or names
+    return sorted(names, key=lambda n: (n.count("/"), len(n)))[0] if names else None
+
+
+@contextmanager
+def _archive(path: Path):
+    """{member name: opener} of a tar / zip archive (regular files only); None when `path` is no archive."""
     if zipfile.is_zipfile(path) and not _is_torch_zip(path):
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if Path(n).name == LM_FILE]
-            if not names:
-                raise _err(f"the archive holds no {LM_FILE}")
-            with z.open(sorted(names, key=len)[0]) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-        return dest
-    if tarfile.is_tarfile(path):
+            yield {n: (lambda n=n: z.open(n)) for n in z.namelist() if not n.endswith("/")}
+    elif tarfile.is_tarfile(path):
         with tarfile.open(path) as t:
-            members = [m for m in t.getmembers() if m.isfile() and Path(m.name).name == LM_FILE]
-            if not members:
-                raise _err(f"the archive holds no {LM_FILE}")
-            with t.extractfile(sorted(members, key=lambda m: len(m.name))[0]) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-        return dest
-    return path
+            yield {m.name: (lambda m=m: t.extractfile(m)) for m in t.getmembers() if m.isfile()}
+    else:
+        yield None
+
+
+def _extract(path: Path, lm_dest: Path, codec_dest: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """A tar / zip archive -> (its state_dict.bin, its compression_state_dict.bin or None), written to the
+    two destinations; (None, None) when `path` is no archive (then it is the LM file itself)."""
+    with _archive(path) as members:
+        if members is None:
+            return None, None
+        member_lm = _pick([n for n in members if Path(n).name == LM_FILE])
+        if member_lm is None:
+            raise _err(f"the archive holds no {LM_FILE}")
+        member_codec = _pick([n for n in members if Path(n).name == COMPRESSION_FILE], near=member_lm)
+        for member, dest in ((member_codec, codec_dest), (member_lm, lm_dest)):
+            if member is not None:
+                with members[member]() as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    return lm_dest, (codec_dest if member_codec else None)
 
 
 def _is_torch_zip(path: Path) -> bool:
@@ -97,10 +118,12 @@ def _is_torch_zip(path: Path) -> bool:
         return any(n.endswith("data.pkl") for n in z.namelist())
 
 
-def fetch_weights(ref: str) -> tuple[Path, str]:
-    """A URL or local path -> (local LM file, its content hash). Downloads a URL once (cached by URL, then
-    by content hash)."""
+def fetch_weights(ref: str) -> tuple[Path, Optional[Path], str]:
+    """A URL, a local file or a local folder -> (local state_dict.bin, local compression_state_dict.bin or
+    None, content hash). Downloads a URL once (cached by URL, then by content hash). An archive or a folder
+    may hold a compression_state_dict.bin beside its state_dict.bin; a bare file is the LM alone."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    sources = None  # a folder: (its LM file, its compression file or None)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
         if not ref.lower().startswith(("http://", "https://")):
             raise _err(f"only http(s) URLs or local paths are accepted, got {ref.split(':', 1)[0]}://")
@@ -115,48 +138,76 @@ def fetch_weights(ref: str) -> tuple[Path, str]:
         src = by_url
     else:
         src = Path(ref).expanduser()
-        if not src.is_file():
-            raise _err(f"{ref} does not exist (give an http(s) URL or a path to {LM_FILE} or an archive of it)")
-    digest = _sha256(src)
-    lm = CACHE_DIR / f"{digest}.bin"
-    if not lm.is_file():
-        tmp = Path(tempfile.mkstemp(dir=CACHE_DIR, prefix="extract-")[1])
+        if src.is_dir():
+            if not (src / LM_FILE).is_file():
+                raise _err(f"the folder {ref} holds no {LM_FILE}")
+            sources = (src / LM_FILE, src / COMPRESSION_FILE if (src / COMPRESSION_FILE).is_file() else None)
+        elif not src.is_file():
+            raise _err(f"{ref} does not exist (give an http(s) URL or a path to {LM_FILE}, a folder holding it "
+                       "or an archive of it)")
+    if sources:
+        digest = hashlib.sha256("".join(_sha256(p) for p in sources if p).encode()).hexdigest()
+    else:
+        digest = _sha256(src)
+    lm, codec = CACHE_DIR / f"{digest}.lm.bin", CACHE_DIR / f"{digest}.compression.bin"
+    if not lm.is_file():  # written last: its presence means this digest is complete
+        tmp_lm = Path(tempfile.mkstemp(dir=CACHE_DIR, prefix="extract-")[1])
+        tmp_codec = Path(tempfile.mkstemp(dir=CACHE_DIR, prefix="extract-")[1])
         try:
-            got = _extract_lm(src, tmp)
-            if got == src:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, lm)
+            if sources:
+                got_lm, got_codec = tmp_lm, tmp_codec if sources[1] else None
+                shutil.copyfile(sources[0], tmp_lm)
+                if sources[1]:
+                    shutil.copyfile(sources[1], tmp_codec)
+            else:
+                got_lm, got_codec = _extract(src, tmp_lm, tmp_codec)
+                if got_lm is None:  # not an archive: the file is the LM
+                    got_lm = tmp_lm
+                    shutil.copyfile(src, tmp_lm)
+            if got_codec is not None:
+                os.replace(tmp_codec, codec)
+            os.replace(got_lm, lm)
         finally:
-            tmp.unlink(missing_ok=True)
-    return lm, digest
+            tmp_lm.unlink(missing_ok=True)
+            tmp_codec.unlink(missing_ok=True)
+    return lm, (codec if codec.is_file() else None), digest
 
 
 # -- reading and converting ---------------------------------------------------------------------------
 
-def load_export(path: Path) -> tuple[dict, dict]:
-    """state_dict.bin -> (config dict, best_state). Clear errors for truncated / foreign files."""
+def _read(path: Path, what: str):
+    """torch.load(weights_only=True) with a clear error naming `what` for truncated / foreign files."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes
+        raise _err(f"cannot read {what} (truncated or not a torch checkpoint): {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200]}") from e
+
+
+def _unpack(pkg, kind: str) -> tuple[dict, dict]:
+    """An audiocraft export {"xp.cfg", "best_state", ...} -> (config dict, best_state)."""
     import yaml
 
-    try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, random bytes
-        raise _err(f"cannot read the weights file (truncated or not a torch checkpoint): {type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:200]}") from e
     if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
         keys = sorted(map(str, pkg))[:8] if isinstance(pkg, dict) else type(pkg).__name__
-        raise _err(f"not an audiocraft MusicGen export (expected keys 'xp.cfg' and 'best_state', got {keys})")
+        raise _err(f"not an audiocraft {kind} export (expected keys 'xp.cfg' and 'best_state', got {keys})")
     cfg = pkg["xp.cfg"]
     if isinstance(cfg, str):
         try:
             cfg = yaml.safe_load(cfg)
         except yaml.YAMLError as e:
-            raise _err(f"its xp.cfg is not valid YAML: {e}") from e
+            raise _err(f"the {kind} xp.cfg is not valid YAML: {e}") from e
     state = pkg["best_state"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # an un-exported training checkpoint keeps it one level down
     if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise _err("its xp.cfg / best_state have the wrong types")
+        raise _err(f"the {kind} xp.cfg / best_state have the wrong types")
     return cfg, state
+
+
+def load_export(path: Path) -> tuple[dict, dict]:
+    """state_dict.bin -> (config dict, best_state). Clear errors for truncated / foreign files."""
+    return _unpack(_read(path, "the weights file"), "MusicGen")
 
 
 _RENAMES = [
@@ -283,19 +334,204 @@ def save_export(model, path: Path, perturb=None) -> Path:
     return path
 
 
-class FineTune:
-    """Converted fine-tune weights, ready to swap into a loaded MusicGen (in place, then restored)."""
+# -- the compression model (EnCodec) ------------------------------------------------------------------
+#
+# audiocraft's EncodecModel (SEANet encoder/decoder + residual VQ) and transformers' EncodecModel build
+# their layers in the same order, so the layer indices carry over; only the wrappers differ:
+#   audiocraft                                        transformers (audio_encoder)
+#   {encoder,decoder}.model.<i>.conv.conv.<p>         {encoder,decoder}.layers.<i>.conv.<p>
+#   decoder.model.<i>.convtr.convtr.<p>               decoder.layers.<i>.conv.<p>
+#   ....<i>.block.<j>.conv.conv.<p>                   ....<i>.block.<j>.conv.<p>   (same for shortcut.)
+#   ....conv.norm.<p> / convtr.norm.<p>               ....norm.<p>                 (time_group_norm)
+#   ....<i>.lstm.<p>                                  ....<i>.lstm.<p>
+#   quantizer.vq.layers.<k>._codebook.<b>             quantizer.layers.<k>.codebook.<b>
+# Weight norm is saved as weight_g / weight_v (torch.nn.utils.weight_norm, what audiocraft uses) or as
+# parametrizations.weight.original0 / original1 (the parametrization API, what transformers uses now):
+# the same two tensors (g: the norm per output slice, v: the direction), renamed to whichever the loaded
+# model has. A convolution saved without weight norm (norm 'none') is split into g = |w|, v = w.
 
-    def __init__(self, digest: str, decoder_state: dict, top: dict):
-        self.digest, self.decoder_state, self.top = digest, decoder_state, top
+_WN_NEW = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+_WN_OLD = ("weight_g", "weight_v")
+_CODEBOOK = re.compile(r"quantizer\.vq\.layers\.(\d+)\._codebook\.(inited|cluster_size|embed|embed_avg)")
+_SEANET = re.compile(r"(encoder|decoder)\.model\.(\d+)\.(.+)")
+
+
+def _wn_norm(v: torch.Tensor) -> torch.Tensor:
+    """|v| over every dim but the first, kept broadcastable (torch's weight norm with dim=0)."""
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+def codec_to_transformers(state: dict) -> dict:
+    """audiocraft EncodecModel names -> transformers EncodecModel names (weight norm as parametrizations;
+    `fit_weight_norm` then matches the loaded model's form). Unknown names come back prefixed with '?'."""
+    out = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            continue
+        m = _CODEBOOK.fullmatch(key)
+        if m:
+            out[f"quantizer.layers.{m[1]}.codebook.{m[2]}"] = value
+            continue
+        m = _SEANET.fullmatch(key)
+        if not m:
+            out["?" + key] = value
+            continue
+        rest = m[3]
+        rest = re.sub(r"^((?:block\.\d+\.|shortcut\.)?)(?:conv\.conv|convtr\.convtr)\.", r"\1conv.", rest)
+        rest = re.sub(r"^((?:block\.\d+\.|shortcut\.)?)(?:conv|convtr)\.norm\.", r"\1norm.", rest)
+        for old, new in zip(_WN_OLD, _WN_NEW):
+            if rest.endswith("." + old):
+                rest = rest[: -len(old)] + new
+        if not re.match(r"^((block\.\d+\.|shortcut\.)?(conv|norm)\.|lstm\.)", rest):
+            out["?" + key] = value
+            continue
+        out[f"{m[1]}.layers.{m[2]}.{rest}"] = value
+    return out
+
+
+def fit_weight_norm(state: dict, ours: dict) -> dict:
+    """Rename / convert the weight-norm tensors of `state` (parametrization names, or plain `.weight`) into
+    the form the loaded model's state dict `ours` uses."""
+    out = {}
+    for key, value in state.items():
+        if key in ours or key.startswith("?"):
+            out[key] = value
+            continue
+        prefix, new = next(((key[: -len(n)], i) for i, n in enumerate(_WN_NEW) if key.endswith(n)), (None, None))
+        if prefix is not None and prefix + _WN_OLD[new] in ours:  # the model uses torch's old weight_norm
+            out[prefix + _WN_OLD[new]] = value
+        elif prefix is not None and prefix + "weight" in ours:  # the model has no weight norm here: fold
+            if new == 0:
+                g, v = state[prefix + _WN_NEW[0]], state.get(prefix + _WN_NEW[1])
+                if v is None or g.shape[0] != v.shape[0]:
+                    out[key] = value  # reported by the check as unknown
+                else:
+                    out[prefix + "weight"] = g * v / _wn_norm(v)
+        elif key.endswith(".weight") and value.dim() == 3:  # saved without weight norm: split
+            base = key[: -len("weight")]
+            names = next((n for n in (_WN_NEW, _WN_OLD) if base + n[0] in ours), None)
+            if names:
+                out[base + names[0]], out[base + names[1]] = _wn_norm(value), value
+            else:
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _cfg_value(cfg: dict, dotted: str, _depth: int = 0):
+    """cfg["a"]["b"] for "a.b", following OmegaConf's ${a.b} references (exports keep them unresolved);
+    None when absent or unresolvable."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, str):
+        m = re.fullmatch(r"\$\{([\w.]+)\}", node.strip())
+        if m:
+            return _cfg_value(cfg, m[1], _depth + 1) if _depth < 8 else None
+    return node
+
+
+def check_codec_config(cfg: dict, encodec) -> None:
+    """The settings of audiocraft's xp.cfg that decide what the codec computes, against the loaded model's
+    EncodecConfig (shapes are checked separately). Not compared: pad_mode (the loaded model's padding is
+    used, whatever the export says: transformers' own conversion of facebook/encodec_32khz keeps its default
+    where audiocraft's config names 'constant')."""
+    ours = encodec.config
+
+    def differs(name, theirs, mine):
+        if theirs is None or (isinstance(theirs, str) and "${" in theirs):
+            return
+        a = list(theirs) if isinstance(theirs, (list, tuple)) else theirs
+        b = list(mine) if isinstance(mine, (list, tuple)) else mine
+        if a != b:
+            raise _err(f"the fine-tune's compression model ({COMPRESSION_FILE}) is not this model's EnCodec: "
+                       f"{name}={theirs!r}, the loaded model has {mine!r}")
+
+    differs("compression_model", _cfg_value(cfg, "compression_model"), "encodec")
+    differs("encodec.autoencoder", _cfg_value(cfg, "encodec.autoencoder"), "seanet")
+    differs("encodec.quantizer", _cfg_value(cfg, "encodec.quantizer"), "rvq")
+    differs("sample_rate", _cfg_value(cfg, "sample_rate") or _cfg_value(cfg, "encodec.sample_rate"),
+            int(ours.sampling_rate))
+    differs("channels", _cfg_value(cfg, "channels") or _cfg_value(cfg, "encodec.channels"), int(ours.audio_channels))
+    differs("encodec.causal", _cfg_value(cfg, "encodec.causal"), bool(ours.use_causal_conv))
+    differs("encodec.renormalize", _cfg_value(cfg, "encodec.renormalize"), bool(ours.normalize))
+    differs("rvq.bins", _cfg_value(cfg, "rvq.bins"), int(ours.codebook_size))
+    differs("rvq.n_q", _cfg_value(cfg, "rvq.n_q"), len(encodec.quantizer.layers))
+    seanet = {k: _cfg_value(cfg, f"seanet.{k}") for k in (_cfg_value(cfg, "seanet") or {})}
+    mine = {"dimension": ours.hidden_size, "n_filters": ours.num_filters, "n_residual_layers":
+            ours.num_residual_layers, "ratios": ours.upsampling_ratios, "lstm": ours.num_lstm_layers,
+            "kernel_size": ours.kernel_size, "last_kernel_size": ours.last_kernel_size,
+            "residual_kernel_size": ours.residual_kernel_size, "dilation_base": ours.dilation_growth_rate,
+            "compress": ours.compress, "true_skip": not ours.use_conv_shortcut, "causal": ours.use_causal_conv,
+            "norm": ours.norm_type, "activation": "ELU", "channels": ours.audio_channels}
+    for part in ("encoder", "decoder"):
+        merged = {k: v for k, v in seanet.items() if k not in ("encoder", "decoder")}
+        merged.update(seanet.get(part) or {})
+        for k, v in mine.items():
+            differs(f"seanet.{part}.{k}" if k in (seanet.get(part) or {}) else f"seanet.{k}", merged.get(k), v)
+        alpha = (merged.get("activation_params") or {}).get("alpha", 1.0)
+        differs("seanet.activation_params.alpha", alpha, 1.0)
+        if part == "decoder":
+            differs("seanet.decoder.final_activation", merged.get("final_activation") or None, None)
+            differs("seanet.decoder.trim_right_ratio", merged.get("trim_right_ratio"), ours.trim_right_ratio)
+
+
+def check_codec(state: dict, encodec) -> None:
+    ours = encodec.state_dict()
+    unknown = [k.lstrip("?") for k in state if k.startswith("?") or k not in ours]
+    missing = [k for k in ours if k not in state]
+    if unknown or missing:
+        raise _err(f"incompatible compression model ({COMPRESSION_FILE}): unknown {unknown[:4]}, "
+                   f"missing {missing[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(ours[k].shape):
+            raise _err(f"incompatible compression model ({COMPRESSION_FILE}): {k} is {tuple(v.shape)}, the "
+                       f"loaded model's EnCodec needs {tuple(ours[k].shape)}")
+
+
+def load_codec(path: Path, model, log=None) -> Optional[dict]:
+    """compression_state_dict.bin -> the loaded model's audio_encoder state (transformers names), or None
+    when the export only names a pretrained codec (audiocraft's export_pretrained_compression_model, what
+    fine-tunes that keep EnCodec frozen write): then the base model's EnCodec is kept."""
+    pkg = _read(path, COMPRESSION_FILE)
+    if isinstance(pkg, dict) and "pretrained" in pkg and "best_state" not in pkg:
+        name = str(pkg["pretrained"]).removeprefix("//pretrained/")
+        rate = int(model.config.audio_encoder.sampling_rate)
+        khz = re.search(r"(\d+)\s*khz", name.lower())
+        if name.lower().startswith(("dac", "wavtokenizer")) or (khz and int(khz[1]) * 1000 != rate):
+            raise _err(f"the fine-tune's {COMPRESSION_FILE} names the compression model {name!r}, but this MusicGen "
+                       f"decodes with its own {rate // 1000} kHz EnCodec: pick weights trained on "
+                       "facebook/encodec_32khz codes")
+        if log:
+            log(f"replicate_weights: {COMPRESSION_FILE} refers to the pretrained {name}: keeping the base "
+                "model's EnCodec")
+        return None
+    cfg, state = _unpack(pkg, "compression model")
+    check_codec_config(cfg, model.audio_encoder)
+    ours = model.audio_encoder.state_dict()
+    converted = fit_weight_norm(codec_to_transformers(state), ours)
+    check_codec(converted, model.audio_encoder)
+    return converted
+
+
+class FineTune:
+    """Converted fine-tune weights, ready to swap into a loaded MusicGen (in place, then restored): the LM
+    decoder and its projections, and the EnCodec when the fine-tune ships its own (`codec_state`)."""
+
+    def __init__(self, digest: str, decoder_state: dict, top: dict, codec_state: Optional[dict] = None):
+        self.digest, self.decoder_state, self.top, self.codec_state = digest, decoder_state, top, codec_state
 
     @classmethod
-    def load(cls, ref: str, model) -> "FineTune":
-        path, digest = fetch_weights(ref)
+    def load(cls, ref: str, model, log=None) -> "FineTune":
+        path, codec_path, digest = fetch_weights(ref)
         cfg, state = load_export(path)
         decoder_state, top = to_transformers(state, model.decoder.config.hidden_size)
         check_compatible(cfg, decoder_state, top, model)
-        return cls(digest, decoder_state, top)
+        codec_state = load_codec(codec_path, model, log) if codec_path is not None else None
+        return cls(digest, decoder_state, top, codec_state)
 
     def _targets(self, model):
         params = dict(model.decoder.named_parameters())
@@ -305,6 +541,11 @@ class FineTune:
         for name, v in self.top.items():
             mod, _, pname = name.partition(".")
             yield getattr(getattr(model, mod), pname), v
+        if self.codec_state:
+            codec = dict(model.audio_encoder.named_parameters())
+            codec.update(model.audio_encoder.named_buffers())
+            for k, v in self.codec_state.items():
+                yield codec[k], v
 
     def swapped_into(self, model):
         """Context manager: the model runs with these weights inside, its own weights restored after."""

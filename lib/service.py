@@ -162,8 +162,8 @@ class Service:
                                                     f"missing): fetch them with `script/download-weights "
                                                     f"{extra.name}` and restart, or set multi_band_diffusion=false")
         if req.replicate_weights and spec.engine != "musicgen":
-            raise UserError("replicate_weights", f"fine-tuned weights are MusicGen LMs; {spec.name} is not a "
-                                                 "MusicGen model")
+            raise UserError("replicate_weights", f"fine-tuned weights are MusicGen checkpoints; {spec.name} is "
+                                                 "not a MusicGen model")
 
     def _finetuned(self, req: Request, spec, engine):
         """The converted replicate_weights for this model (the last one is kept in memory)."""
@@ -173,10 +173,26 @@ class Service:
         if self._finetune is not None and self._finetune[:2] == (ref, spec.name):
             return self._finetune[2]
         t = time.perf_counter()
-        ft = FineTune.load(ref, engine.model)
+        ft = FineTune.load(ref, engine.model, log)
         self._finetune = (ref, spec.name, ft)
-        log(f"replicate_weights: loaded fine-tune {ft.digest[:12]} for {spec.name} in {time.perf_counter() - t:.1f}s")
+        log(f"replicate_weights: loaded fine-tune {ft.digest[:12]} for {spec.name} "
+            f"({'LM and EnCodec' if ft.codec_state else 'LM'}) in {time.perf_counter() - t:.1f}s")
         return ft
+
+    def _run_finetuned(self, req: Request, task: str, seed: int, spec, engine):
+        """engine.run with the fine-tune swapped into the model for this prediction, the base weights back
+        after. The fast decoder keeps fused copies of the decoder weights: they are refilled in place from the
+        swapped model, and again from the restored one."""
+        ft = self._finetuned(req, spec, engine)
+        fast = engine.fast
+        try:
+            with ft.swapped_into(engine.model):
+                if fast is not None:
+                    fast.reload_weights()
+                return engine.run(req, task, seed, log)
+        finally:
+            if fast is not None:
+                fast.reload_weights()
 
     def predict(self, req: Request) -> Path:
         t_start = time.perf_counter()
@@ -190,13 +206,7 @@ class Service:
         try:
             with self._locks[spec.name]:  # one request at a time per model: engines keep per-request state
                 if req.replicate_weights:
-                    ft = self._finetuned(req, spec, engine)
-                    fast, engine.fast = engine.fast, None  # the fast decoder holds fused copies of the base weights
-                    try:
-                        with ft.swapped_into(engine.model):
-                            wav = engine.run(req, task, seed, log)
-                    finally:
-                        engine.fast = fast
+                    wav = self._run_finetuned(req, task, seed, spec, engine)
                 else:
                     wav = engine.run(req, task, seed, log)
         except torch.cuda.OutOfMemoryError:

@@ -1,8 +1,8 @@
-"""Multi-Band Diffusion: parity of lib.mbd with audiocraft 1.3.0, and speed, on the GPU machine.
+"""Multi-Band Diffusion: parity of lib.mbd with audiocraft 1.3.0, and speed, on the GPU machine, one run.
 
 Run (GPU machine; audiocraft's pure-Python wheels in .whl/, see shared/peers/build-wheels.sh):
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  PYTHONPATH=/tmp/site:. python3 bench/mbd_parity.py
+  PYTHONPATH=/tmp/site:. python3 bench/mbd.py [--configs transformer,conv] [--secs 30]
 
 1. Random weights in the checkpoint's layout: each band's U-Net built by audiocraft's own builder from an
    omegaconf config, random processor statistics for bands 2-3, saved with torch.save as the published
@@ -10,12 +10,16 @@ Run (GPU machine; audiocraft's pure-Python wheels in .whl/, see shared/peers/bui
 2. Reference: audiocraft's loader + MultiBandDiffusion.tokens_to_wav on a random EnCodec (audiocraft's),
    every torch.randn_like it draws recorded. Ours: lib.mbd loads the same file (weights_only=True) and
    decodes the same codes with the same codec and the recorded noise. fp32, TF32 off: max abs diff.
+   To judge that difference, audiocraft is run again with every noise value moved by ~1 ulp: what fp32
+   rounding alone does after 20 steps.
 3. Timing, 30 s of audio (1500 frames): audiocraft's tokens_to_wav (fp32, as it ships) vs ours (bf16,
-   bands on streams), after a warm-up.
+   U-Net calls replayed as CUDA graphs), after a warm-up; ours also for a stereo pair.
 The U-Net size of the published file is not known here (no hub): we use audiocraft's default diffusion
 U-Net (config/model/score/basic.yaml: hidden 48, depth 4, growth 4, kernel 8, stride 4) with codec_dim 128
-and a transformer bottleneck, and also time a BLSTM bottleneck; results name the config.
+and either a 6-layer transformer bottleneck ("transformer", 1.87 B parameters over 4 bands) or none
+("conv", as basic.yaml has it: 0.66 B); results name the config.
 """
+import argparse
 import importlib.machinery
 import json
 import os
@@ -49,6 +53,10 @@ from audiocraft.modules.diffusion_schedule import NoiseSchedule  # noqa: E402
 from lib import mbd as ours  # noqa: E402
 from lib.tiny_mbd import band_config  # noqa: E402
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--configs", default="transformer,conv")
+ap.add_argument("--secs", type=int, default=30)
+args = ap.parse_args()
 OUT = os.environ.get("OUT", "/tmp/out")
 os.makedirs(OUT, exist_ok=True)
 dev = "cuda"
@@ -138,6 +146,18 @@ def recorded_run(ref, codes):
     return wav, drawn
 
 
+def replayed_run(ref, codes, drawn, dtype):
+    """audiocraft again, its randn_like calls answered with the recorded noise (cast to `dtype`)."""
+    it = iter(drawn)
+    orig = torch.randn_like
+    torch.randn_like = lambda x, *a, **k: next(it).to(x.dtype)
+    try:
+        with torch.no_grad():
+            return ref.tokens_to_wav(codes.to(codes.device))
+    finally:
+        torch.randn_like = orig
+
+
 def timed(fn, reps=2):
     fn()
     torch.cuda.synchronize()
@@ -152,7 +172,10 @@ def timed(fn, reps=2):
 
 codec = builders.get_compression_model(comp_cfg()).to(dev).eval()
 configs = {"transformer": dict(hidden=48, depth=4, growth=4, transformer=True),
+           "conv": dict(hidden=48, depth=4, growth=4, transformer=False),
            "blstm": dict(hidden=48, depth=4, growth=4, transformer=False, bilstm=True)}
+configs = {k: configs[k] for k in args.configs.split(",")}
+results["argv"] = sys.argv
 for label, unet in configs.items():
     path = f"/tmp/mbd_{label}.th"
     make_checkpoint(path, **unet)
@@ -177,36 +200,40 @@ for label, unet in configs.items():
     diff = (our_wav - ref_wav).abs().max().item()
     entry["parity_fp32"] = {"shape": list(ref_wav.shape), "max_abs_diff": diff,
                             "ref_max_abs": ref_wav.abs().max().item(), "ref_std": ref_wav.std().item()}
-    del mine32
-    mine16 = ours.MultiBandDiffusion.from_checkpoint(path, device=dev, dtype=torch.bfloat16)
-    with torch.no_grad():
-        our16 = mine16.decode(codes, AudiocraftCodec(codec), noise=lambda b, i, s: drawn[b * steps + i])
-    entry["parity_bf16_vs_fp32_ref"] = {"max_abs_diff": (our16 - ref_wav).abs().max().item(),
-                                        "rel_rms": ((our16 - ref_wav).pow(2).mean().sqrt()
-                                                    / ref_wav.pow(2).mean().sqrt()).item()}
+    # yardstick: audiocraft against itself with every noise value moved by ~1 ulp (fp32 rounding noise)
+    gp = torch.Generator(device=dev).manual_seed(5)
+    nudged = [d * (1 + 2.0 ** -23 * torch.randn(d.shape, device=d.device, generator=gp)) for d in drawn]
+    ref_nudged = replayed_run(ref, codes, nudged, torch.float32)
+    entry["parity_fp32"]["audiocraft_vs_itself_1ulp_noise_max_abs"] = (ref_nudged - ref_wav).abs().max().item()
+    del nudged, ref_nudged
     log(config=label, **entry)
     del drawn
 
     results[label] = entry
-    if label != "transformer":  # a 3072-wide BLSTM over 3750 frames x 80 calls: too long for this run
+    if label == "blstm":  # a 3072-wide BLSTM over 3750 frames x 80 calls: too long for this run
         del mine16, ref
         continue
-    # speed: 30 s mono, defaults (TF32 as each ships: torch defaults)
+    # speed: mono and a stereo pair, defaults (TF32 as each ships: torch defaults)
     torch.backends.cudnn.allow_tf32 = True
-    codes30 = torch.randint(0, 2048, (1, 4, 1500), device=dev, generator=g)
+    frames = args.secs * 50
+    codes30 = torch.randint(0, 2048, (1, 4, frames), device=dev, generator=g)
+    codes30s = torch.randint(0, 2048, (2, 4, frames), device=dev, generator=g)
     gen = torch.Generator(device=dev).manual_seed(0)
-    entry["ours_bf16_30s_s"] = round(timed(lambda: mine16.decode(codes30, AudiocraftCodec(codec), generator=gen)), 3)
+    torch.cuda.reset_peak_memory_stats()
+    entry[f"ours_bf16_{args.secs}s_s"] = round(timed(lambda: mine16.decode(codes30, AudiocraftCodec(codec), generator=gen)), 3)
     entry["peak_gb_ours"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    log(config=label, ours_bf16_30s_s=entry["ours_bf16_30s_s"])
+    entry[f"ours_bf16_{args.secs}s_stereo_s"] = round(timed(lambda: mine16.decode(codes30s, AudiocraftCodec(codec), generator=gen)), 3)
+    log(config=label, **{k: v for k, v in entry.items() if k.startswith("ours_bf16")})
     del mine16
     torch.cuda.empty_cache()
     with torch.no_grad():
-        entry["audiocraft_30s_s"] = round(timed(lambda: ref.tokens_to_wav(codes30), reps=1), 3)
-    log(config=label, audiocraft_30s_s=entry["audiocraft_30s_s"])
+        entry[f"audiocraft_{args.secs}s_s"] = round(timed(lambda: ref.tokens_to_wav(codes30), reps=1), 3)
+    entry["speedup"] = round(entry[f"audiocraft_{args.secs}s_s"] / entry[f"ours_bf16_{args.secs}s_s"], 2)
+    log(config=label, audiocraft_s=entry[f"audiocraft_{args.secs}s_s"], speedup=entry["speedup"])
     results[label] = entry
     del ref
     torch.cuda.empty_cache()
-    json.dump(results, open(os.path.join(OUT, "mbd_parity.json"), "w"), indent=1)
+    json.dump(results, open(os.path.join(OUT, "mbd.json"), "w"), indent=1)
 
-json.dump(results, open(os.path.join(OUT, "mbd_parity.json"), "w"), indent=1)
+json.dump(results, open(os.path.join(OUT, "mbd.json"), "w"), indent=1)
 print(json.dumps(results, indent=1))

@@ -206,6 +206,13 @@ for label, unet in configs.items():
     ref_nudged = replayed_run(ref, codes, nudged, torch.float32)
     entry["parity_fp32"]["audiocraft_vs_itself_1ulp_noise_max_abs"] = (ref_nudged - ref_wav).abs().max().item()
     del nudged, ref_nudged
+    del mine32
+    mine16 = ours.MultiBandDiffusion.from_checkpoint(path, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        our16 = mine16.decode(codes, AudiocraftCodec(codec), noise=lambda b, i, s: drawn[b * steps + i])
+    entry["parity_bf16_vs_fp32_ref"] = {"max_abs_diff": (our16 - ref_wav).abs().max().item(),
+                                        "rel_rms": ((our16 - ref_wav).pow(2).mean().sqrt()
+                                                    / ref_wav.pow(2).mean().sqrt()).item()}
     log(config=label, **entry)
     del drawn
 

@@ -98,11 +98,16 @@ def _vocoder():
         model_in_dim=64, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[8, 5, 4],
         upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
         normalize_before=False))
-    # A random HiFi-GAN outputs ~1e-7: scale its last conv so the noise it makes is audible (RMS ~0.1) and
-    # loudness normalization has something to measure.
+    return calibrate_vocoder(vocoder)
+
+
+def calibrate_vocoder(vocoder, rms: float = 0.1):
+    """A random HiFi-GAN outputs ~1e-7: scale its last conv so the noise it makes is audible (RMS ~`rms`) and
+    loudness normalization has something to measure (bench/diffusion.py does the same to its full-size one)."""
     with torch.no_grad():
-        out = vocoder(torch.randn(100, 64, generator=torch.Generator().manual_seed(0)))
-        vocoder.conv_post.weight.mul_(0.1 / float(out.std()))
+        mel = torch.randn(100, vocoder.config.model_in_dim, generator=torch.Generator().manual_seed(0))
+        out = vocoder(mel.to(vocoder.conv_post.weight.device))
+        vocoder.conv_post.weight.mul_(rms / float(out.std()))
         if vocoder.conv_post.bias is not None:
             vocoder.conv_post.bias.zero_()
     return vocoder

@@ -10,18 +10,26 @@ samples) at the model's native rate. Normalization and encoding are the service'
 Seeds: every random draw goes through a CPU `torch.Generator` seeded with the request's seed (and the global
 RNG is seeded too, for the few diffusers draws that take no generator, e.g. VAE posterior sampling), so the
 same seed gives the same audio on the same device and dtype.
+
+On CUDA, each request replays its denoiser as CUDA graphs (DenoiserGraphs: same kernels, freed when the request
+ends) and Dance Diffusion's UNet1D gets two rewrites (unet1d_rewrites: same numbers up to rounding); on other
+devices the diffusers path runs as is. bench/diffusion.py measures each against the stock pipeline call.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
+import types
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from lib import audio as audio_io
 from lib.catalog import ModelSpec
@@ -98,6 +106,188 @@ ENGINE_LABELS = {
 }
 
 
+# -- CUDA speed-ups (used only when the engine runs on CUDA; the CPU path is the plain diffusers one) ----------
+
+class DenoiserGraphs:
+    """Replays a module's forward (the denoiser a diffusion loop calls every step) as CUDA graphs, one per call
+    signature (each tensor's shape, dtype and strides plus every other argument's value), for one request: a step's
+    hundreds of kernel launches become one replay, with the same kernels on the same inputs.
+
+    Used as `with DenoiserGraphs(module).installed(): ...` (the module's forward is overridden on the instance and
+    restored on exit). A new signature runs the forward eagerly (that result is returned) and is then captured;
+    later calls copy their tensors into the captured inputs, replay, and return a copy of the captured outputs
+    (the next replay overwrites them). Falls back to the eager forward for tensors not on CUDA, under autograd,
+    for arguments it can't key, once `max_captures` signatures were captured (an argument that changes every step),
+    and for the rest of the request once a capture fails. At most `max_graphs` graphs are kept (least recently used
+    dropped); all are freed on exit, whether the block ends normally, with an error, or out of memory."""
+
+    def __init__(self, module: torch.nn.Module, max_graphs: int = 4, max_captures: int = 8,
+                 log: Optional[Log] = None):
+        self.module, self.forward = module, module.forward  # the bound class forward
+        self.max_graphs, self.max_captures, self.log = max_graphs, max_captures, log
+        self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (graph, static input tensors, static out)
+        self.captures = self.replays = 0
+        self.disabled: Optional[str] = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        self.module.forward = self
+        try:
+            yield self
+        finally:
+            self.module.__dict__.pop("forward", None)
+            self.graphs.clear()  # frees the graphs' memory pools (the caller empties the allocator's cache on OOM)
+
+    def summary(self) -> str:
+        return (f"cuda graphs: {self.captures} captured, {self.replays} replays" +
+                (f" ({self.disabled})" if self.disabled else ""))
+
+    # -- the call ------------------------------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        if self.disabled is not None or torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = self._key(leaves, spec)
+        if key is None:
+            return self.forward(*args, **kwargs)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            graph, static_inputs, static_out = entry
+            for buf, x in zip(static_inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
+                buf.copy_(x)
+            graph.replay()
+            self.replays += 1
+            return _clone_tensors(static_out)
+        if self.captures >= self.max_captures:
+            self.disabled = f"eager after {self.captures} captures: the call signature keeps changing"
+            return self.forward(*args, **kwargs)
+        return self._capture(key, leaves, spec)
+
+    def _key(self, leaves, spec) -> Optional[tuple]:
+        parts = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                if not self._usable(x):
+                    return None
+                parts.append((tuple(x.shape), x.dtype, x.stride(), x.device))
+            else:
+                try:
+                    hash(x)
+                except TypeError:
+                    return None
+                parts.append((type(x), x))
+        return repr(spec), tuple(parts)
+
+    def _capture(self, key, leaves, spec):
+        static = [torch.empty_like(x).copy_(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+        def call():
+            args, kwargs = pytree.tree_unflatten(static, spec)
+            return self.forward(*args, **kwargs)
+
+        self.captures += 1
+        result = self._warm_up(call)  # eager, on these inputs: this call's answer
+        try:
+            graph, static_out = self._record(call)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # an op that can't be captured: eager from now on, this request
+            self.disabled = f"capture failed, eager: {type(e).__name__}: {e}"[:300]
+            if self.log:
+                self.log(self.disabled)
+            return result
+        self.graphs[key] = (graph, [x for x in static if isinstance(x, torch.Tensor)], static_out)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return result
+
+    # -- the CUDA parts (tests replace these three to check the bookkeeping on CPU) --------------------------------
+
+    @staticmethod
+    def _usable(x: torch.Tensor) -> bool:
+        return x.is_cuda
+
+    @staticmethod
+    def _warm_up(call):
+        """One eager run on a side stream (lazy initialisations happen outside the capture), its outputs copied on
+        the current stream."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = call()
+        torch.cuda.current_stream().wait_stream(side)
+        return _clone_tensors(out)
+
+    @staticmethod
+    def _record(call):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a capture here does not make other threads' CUDA calls (another model's request) fail
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = call()
+        return graph, out
+
+
+def _clone_tensors(tree):
+    return pytree.tree_map_only(torch.Tensor, torch.clone, tree)
+
+
+# Dance Diffusion's UNet1DModel (diffusers), two rewrites that give the same numbers up to rounding:
+
+def _group_norm_one_group(self, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm(1, C), i.e. statistics over all of (C, L) per sample, with the statistics from torch.var_mean (a
+    reduction spread over the whole GPU; PyTorch's group-norm kernel reduces each (sample, group) row in one thread
+    block, slow for 10^6-10^7 elements). Statistics and affine in fp32, as the native kernel."""
+    xf = x.float()
+    dims = tuple(range(1, x.dim()))
+    var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
+    scale = torch.rsqrt(var + self.eps)
+    shift = -mean * scale
+    if self.affine:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        weight, bias = self.weight.float().view(shape), self.bias.float().view(shape)
+        scale, shift = scale * weight, shift * weight + bias
+    return torch.addcmul(shift, xf, scale).to(x.dtype)
+
+
+def _downsample_per_channel(self, x: torch.Tensor) -> torch.Tensor:
+    """Downsample1d as the per-channel filter it is (diffusers builds a dense C x C x K weight, zero off the
+    diagonal, every call)."""
+    x = torch.nn.functional.pad(x, (self.pad,) * 2, self.pad_mode)
+    weight = self.kernel.to(x)[None, None, :].repeat(x.shape[1], 1, 1)
+    return torch.nn.functional.conv1d(x, weight, stride=2, groups=x.shape[1])
+
+
+def _upsample_per_channel(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Upsample1d likewise (a grouped transposed convolution instead of the dense one)."""
+    x = torch.nn.functional.pad(x, ((self.pad + 1) // 2,) * 2, self.pad_mode)
+    weight = self.kernel.to(x)[None, None, :].repeat(x.shape[1], 1, 1)
+    return torch.nn.functional.conv_transpose1d(x, weight, stride=2, padding=self.pad * 2 + 1, groups=x.shape[1])
+
+
+@contextlib.contextmanager
+def unet1d_rewrites(unet: torch.nn.Module, norm: bool = True, resample: bool = True):
+    """Within the block, the UNet1D's GroupNorm(1, C) layers use `_group_norm_one_group` and its Downsample1d /
+    Upsample1d the per-channel filters (instance overrides, removed on exit). Yields how many modules changed."""
+    from diffusers.models.unets.unet_1d_blocks import Downsample1d, Upsample1d
+
+    rewrites = {Downsample1d: _downsample_per_channel, Upsample1d: _upsample_per_channel} if resample else {}
+    changed = []
+    for m in unet.modules():
+        fn = rewrites.get(type(m))
+        if fn is None and norm and type(m) is torch.nn.GroupNorm and m.num_groups == 1:
+            fn = _group_norm_one_group
+        if fn is not None:
+            m.forward = types.MethodType(fn, m)
+            changed.append(m)
+    try:
+        yield len(changed)
+    finally:
+        for m in changed:
+            m.__dict__.pop("forward", None)
+
+
 class DiffusionEngine:
     """Shared plumbing. Subclasses set `pipeline_class`, limits and defaults, and implement `_generate`."""
 
@@ -107,6 +297,8 @@ class DiffusionEngine:
     min_duration_s: float = 1.0
     max_duration_s: float = 30.0
     duration_note: str = ""
+    denoiser: str = ""  # the pipeline component the denoising loop calls every step
+    cuda_graphs: bool = True  # on CUDA, replay the denoiser as CUDA graphs (DenoiserGraphs), one request at a time
 
     def __init__(self, spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype):
         self.spec, self.folder, self.device = spec, Path(folder), torch.device(device)
@@ -161,11 +353,21 @@ class DiffusionEngine:
         self.check(req, task)
         t0 = time.perf_counter()
         generator = _seed_all(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            graphs = self._speedups(stack, log)
             audio = self._generate(req, task, generator, log)
+            if graphs is not None:
+                log(f"{self.spec.name}: {graphs.summary()}")
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         log(f"{self.spec.name}: {task} in {time.perf_counter() - t0:.2f}s")
         return audio
+
+    def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
+        """Enter, for this request, what makes the denoising loop faster on CUDA (nothing on other devices); the
+        stack undoes it all when the request ends, normally or not (graphs freed, overrides removed)."""
+        if self.device.type == "cuda" and self.cuda_graphs and self.denoiser:
+            return stack.enter_context(DenoiserGraphs(getattr(self.pipe, self.denoiser), log=log).installed())
+        return None
 
     def _generate(self, req, task: str, generator: torch.Generator, log: Log) -> np.ndarray:
         raise NotImplementedError
@@ -183,6 +385,7 @@ REPAINT_CROSSFADE_S = 0.02  # the crossfade at each edge of a repainted window, 
 
 class AceStepEngine(DiffusionEngine):
     pipeline_class = "AceStepPipeline"
+    denoiser = "transformer"
     min_duration_s = 1.0
     max_duration_s = MAX_DURATION_S
     duration_note = " (trained on 10 to 600 s; this container serves up to its global limit)"
@@ -328,6 +531,7 @@ def splice(original: np.ndarray, generated: np.ndarray, start: int, end: int, fa
 
 class AudioLDM2Engine(DiffusionEngine):
     pipeline_class = "AudioLDM2Pipeline"
+    denoiser = "unet"
     default_steps = 100
     default_guidance = 3.5
     max_duration_s = 30.0
@@ -374,10 +578,19 @@ class AudioLDMEngine(AudioLDM2Engine):
 
 class DanceDiffusionEngine(DiffusionEngine):
     pipeline_class = "DanceDiffusionPipeline"
+    denoiser = "unet"
     default_steps = 100
     default_strength = 0.5
     max_duration_s = 30.0
     duration_note = " (the UNet's memory grows with length)"
+    # The UNet1D rewrites (unet1d_rewrites; same numbers up to rounding) and where they apply: CUDA only, so the
+    # CPU path stays diffusers' own (bench/diffusion.py's CPU dry run and the tests add "cpu" to check them).
+    fast_norm = True
+    fast_resample = True
+    fast_devices: tuple = ("cuda",)
+    # cudnn.benchmark during the request: measured in bench/diffusion.py, off (the chosen algorithms can differ
+    # between processes, so the same seed could give slightly different audio after a restart)
+    cudnn_benchmark = False
 
     def __init__(self, spec, folder, device, dtype):
         super().__init__(spec, folder, device, dtype)
@@ -403,6 +616,14 @@ class DanceDiffusionEngine(DiffusionEngine):
 
     def duration_tasks(self):
         return ("unconditional",)
+
+    def _speedups(self, stack, log):
+        if self.device.type in self.fast_devices and (self.fast_norm or self.fast_resample):
+            stack.enter_context(unet1d_rewrites(self.unet, norm=self.fast_norm, resample=self.fast_resample))
+        if self.device.type == "cuda" and self.cudnn_benchmark and not torch.backends.cudnn.benchmark:
+            torch.backends.cudnn.benchmark = True
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", False)
+        return super()._speedups(stack, log)  # the graphs capture the rewritten modules
 
     def check(self, req, task):
         super().check(req, task)
@@ -453,6 +674,7 @@ class DanceDiffusionEngine(DiffusionEngine):
 
 class StableAudioEngine(DiffusionEngine):
     pipeline_class = "StableAudioPipeline"
+    denoiser = "transformer"
     default_steps = 100
     default_guidance = 7.0
     min_duration_s = 1.0

@@ -269,3 +269,137 @@ def test_http_ignored_input_fails_with_the_engine_named(ready):
                                   "duration": 1.0, "num_inference_steps": 1})
     assert status == 200 and body["status"] == "failed"
     assert "lyrics" in body["error"] and "ACE-Step 1.5" in body["error"]
+
+
+# -- the CUDA speed-ups (lib.diffusion: DenoiserGraphs, unet1d_rewrites), their logic checked on CPU ----------------
+
+def _tiny_unet1d():
+    from lib.tiny_diffusion import build_dance_diffusion
+
+    return build_dance_diffusion(seed=1).unet.eval()
+
+
+def _instance_forwards(module):
+    return [m for m in module.modules() if "forward" in m.__dict__]
+
+
+def test_unet1d_rewrites_give_the_same_output_and_are_undone():
+    import torch
+
+    from lib.diffusion import unet1d_rewrites
+
+    unet = _tiny_unet1d()
+    x, t = torch.randn(1, 2, 4096, generator=torch.Generator().manual_seed(0)), torch.tensor(0.3)
+    with torch.inference_mode():
+        plain = unet(x, t).sample
+        with unet1d_rewrites(unet) as changed:
+            rewritten = unet(x, t).sample
+            assert len(_instance_forwards(unet)) == changed > 0
+        assert not _instance_forwards(unet)
+        assert torch.equal(unet(x, t).sample, plain)
+        with pytest.raises(RuntimeError), unet1d_rewrites(unet):
+            raise RuntimeError("request failed")
+    assert not _instance_forwards(unet)  # undone on errors too
+    assert torch.allclose(rewritten, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+    assert not torch.equal(rewritten, plain)  # other kernels really ran (fp32 rounding differs)
+
+
+class _CpuGraphs:
+    """DenoiserGraphs' three CUDA parts replaced for CPU: a "graph" re-runs the captured call on the captured input
+    tensors and writes into the captured outputs, as a replay does."""
+
+    def make(self, module, fail=None, **kw):
+        from lib.diffusion import DenoiserGraphs, _clone_tensors
+        import torch.utils._pytree as pytree
+
+        class Replay:
+            def __init__(self, call, out):
+                self.call, self.out = call, out
+
+            def replay(self):
+                for old, new in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(self.call())):
+                    old.copy_(new)
+
+        class CpuGraphs(DenoiserGraphs):
+            _usable = staticmethod(lambda x: True)
+            _warm_up = staticmethod(lambda call: _clone_tensors(call()))
+
+            @staticmethod
+            def _record(call):
+                if fail is not None:
+                    raise fail
+                out = call()
+                return Replay(call, out), out
+
+        return CpuGraphs(module, **kw)
+
+
+def test_denoiser_graphs_replay_gives_each_steps_own_answer_and_is_freed_on_exit():
+    import torch
+
+    unet = _tiny_unet1d()
+    gen = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(1, 2, 2048, generator=gen), t) for t in torch.linspace(1, 0.1, 5)]
+    with torch.inference_mode():
+        eager = [unet(x, t).sample for x, t in steps]
+        graphs = _CpuGraphs().make(unet)
+        with graphs.installed():
+            assert _instance_forwards(unet) == [unet]
+            got = [unet(x, t).sample for x, t in steps]
+            assert all(torch.equal(a, b) for a, b in zip(eager, got))
+            got[1].add_(1.0)  # a copy: neither the captured outputs nor the next replay see it
+            assert torch.equal(unet(*steps[1]).sample, eager[1])
+        assert (graphs.captures, graphs.replays, graphs.disabled) == (1, 5, None)
+        assert graphs.summary() == "cuda graphs: 1 captured, 5 replays"
+    assert not _instance_forwards(unet) and not graphs.graphs
+
+
+def test_denoiser_graphs_signatures_eviction_and_fallbacks():
+    import torch
+
+    unet = _tiny_unet1d()
+    t = torch.tensor(0.5)
+    with torch.inference_mode():
+        graphs = _CpuGraphs().make(unet, max_graphs=2, max_captures=3)
+        with graphs.installed():
+            for n in (1024, 2048, 1024, 4096):  # a new length is a new graph; the least recently used goes
+                unet(torch.zeros(1, 2, n), t)
+            assert graphs.captures == 3 and graphs.replays == 1
+            assert [k[1][0][0] for k in graphs.graphs] == [(1, 2, 1024), (1, 2, 4096)]
+            out = unet(torch.ones(1, 2, 8192), t).sample  # past max_captures: eager for the rest of the request
+            assert graphs.disabled and "captures" in graphs.disabled
+            assert torch.equal(out, unet.__class__.forward(unet, torch.ones(1, 2, 8192), t).sample)
+            assert graphs._key([[1, 2]], None) is None  # an unhashable argument: not keyed, so eager
+        failing = _CpuGraphs().make(unet, fail=RuntimeError("operation not permitted when stream is capturing"))
+        with failing.installed():
+            x = torch.randn(1, 2, 1024, generator=torch.Generator().manual_seed(1))
+            first, second = unet(x, t).sample, unet(x, t).sample
+        assert failing.disabled.startswith("capture failed") and failing.captures == 1 and not failing.graphs
+        assert torch.equal(first, second)  # the eager answer both times
+        oom = _CpuGraphs().make(unet, fail=torch.cuda.OutOfMemoryError("CUDA out of memory"))
+        with pytest.raises(torch.cuda.OutOfMemoryError), oom.installed():
+            unet(torch.zeros(1, 2, 1024), t)  # an OOM while capturing is the user's OOM, not a fallback
+        assert not oom.graphs and oom.disabled is None
+    assert not _instance_forwards(unet)
+
+
+def test_cpu_engines_use_neither_graphs_nor_rewrites(tiny_weights):
+    """The CPU path is diffusers' own: no forward override anywhere in the UNet while a request runs."""
+    import torch
+
+    from lib import catalog
+    from lib.diffusion import DanceDiffusionEngine
+    from lib.request import Request
+
+    eng = DanceDiffusionEngine(catalog.MODELS["dance-diffusion-maestro"], tiny_weights / "dance-diffusion-maestro-150k",
+                               torch.device("cpu"), torch.float32)
+    seen = []
+    hook = eng.unet.register_forward_pre_hook(lambda m, a: seen.append(len(_instance_forwards(eng.unet))))
+    req = Request(duration=1.0, num_inference_steps=2, model_version="dance-diffusion-maestro")
+    plain = eng.run(req, "unconditional", 4, lambda m: None)
+    assert seen == [0, 0]
+    eng.fast_devices = ("cpu",)  # what bench/diffusion.py's CPU dry run does: the rewrites, here on CPU
+    rewritten = eng.run(req, "unconditional", 4, lambda m: None)
+    hook.remove()
+    assert seen[2:] and all(n > 0 for n in seen[2:]) and not _instance_forwards(eng.unet)
+    assert plain.shape == rewritten.shape and np.abs(plain - rewritten).max() < 1e-4

@@ -105,7 +105,7 @@ def calibrate_vocoder(vocoder, rms: float = 0.1):
     """A random HiFi-GAN outputs ~1e-7: scale its last conv so the noise it makes is audible (RMS ~`rms`) and
     loudness normalization has something to measure (bench/diffusion.py does the same to its full-size one)."""
     with torch.no_grad():
-        mel = torch.randn(100, vocoder.config.model_in_dim, generator=torch.Generator().manual_seed(0))
+        mel = torch.randn(100, vocoder.config.model_in_dim, generator=torch.Generator().manual_seed(0), device="cpu")
         out = vocoder(mel.to(vocoder.conv_post.weight.device))
         vocoder.conv_post.weight.mul_(rms / float(out.std()))
         if vocoder.conv_post.bias is not None:

@@ -83,8 +83,9 @@ _PARAMS = [
           "models; stereo decodes left and right separately). Needs the multiband-diffusion weights."),
     Param("replicate_weights", Optional[str], None,
           "MusicGen fine-tune to use for this prediction: an http(s) URL or a path to audiocraft's exported "
-          "`state_dict.bin` (or a .tar/.zip holding it, as Replicate's MusicGen trainer writes). Downloaded once, "
-          "cached by content hash, swapped into the matching loaded model for this prediction only."),
+          "`state_dict.bin` (or a folder / .tar / .zip holding it, as Replicate's MusicGen trainer writes; a "
+          "`compression_state_dict.bin` next to it replaces the EnCodec too). Downloaded once, cached by content "
+          "hash, swapped into the matching loaded model for this prediction only."),
     Param("normalization_strategy", str, "loudness",
           "Strategy for normalizing audio: loudness = -14 LUFS (ITU-R BS.1770-4), peak = -1 dBFS, "
           "rms = -18 dBFS then clip, clip = clamp to [-1, 1].", choices=audio.NORMALIZATION_STRATEGIES),

@@ -95,6 +95,34 @@ except ImportError:  # pragma: no cover
 
 if triton is not None:
     @triton.jit
+    def _attend_span(q, kb, vb, bias, lo, hi, sk_t, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+        """Online softmax of the (fp32, scaled) query q against the keys / values at positions [lo, hi) of
+        one (row, head) of a cache (kb, vb, position stride sk_t), plus bias[t] per key if HAS_BIAS: the
+        unnormalized output, the running max and the running sum, in fp32. The loop every attention kernel
+        here shares."""
+        d = tl.arange(0, HD)
+        m_i = tl.full([], -1e30, tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([HD], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            valid = t < hi
+            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            if HAS_BIAS:
+                s += tl.load(bias + t, mask=valid, other=0.0)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
     def _decode_attn_kernel(Q, K, V, O, Bias, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, so_r, so_h, sb_r,
                             skn_r, skn_h, n_static, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
                             SELF: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -112,24 +140,8 @@ if triton is not None:
             n = pos
         else:
             n = n_static
-        m_i = tl.full([], -1e30, tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([HD], dtype=tl.float32)
-        for start in range(0, n, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
-            valid = t < n
-            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)
-            if HAS_BIAS:
-                s += tl.load(Bias + r * sb_r + t, mask=valid, other=0.0)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+        acc, m_i, l_i = _attend_span(q, kb, vb, Bias + r * sb_r, 0, n, sk_t, HD=HD, BLOCK_T=BLOCK_T,
+                                     HAS_BIAS=HAS_BIAS)
         if SELF:
             kn = tl.load(KN + r * skn_r + h * skn_h + d)
             vn = tl.load(VN + r * skn_r + h * skn_h + d)
@@ -160,21 +172,7 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n)
-        m_i = tl.full([], -1e30, tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([HD], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
-            valid = t < hi
-            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+        acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
         base = Part + ((r * tl.num_programs(1) + h) * NSPLIT + sp) * (HD + 2)
         tl.store(base + d, acc)
         tl.store(base + HD, m_i)
@@ -332,21 +330,7 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n)
-        m_i = tl.full([], -1e30, tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([HD], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
-            valid = t < hi
-            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+        acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
         rh = r * nh + h
         base = Part + (rh * NSPLIT + sp) * (HD + 2)
         tl.store(base + d, acc)

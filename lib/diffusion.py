@@ -23,17 +23,17 @@ import math
 import re
 import time
 import types
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 
 from lib import audio as audio_io
 from lib.catalog import ModelSpec
 from lib.errors import UserError
+from lib.cuda_graphs import DenoiserGraphs
+from lib.group_norm import group_norm
 from lib.params import ACE_TRACKS, MAX_DURATION_S
 
 Log = Callable[[str], None]
@@ -108,147 +108,12 @@ ENGINE_LABELS = {
 
 # -- CUDA speed-ups (used only when the engine runs on CUDA; the CPU path is the plain diffusers one) ----------
 
-class DenoiserGraphs:
-    """Replays a module's forward (the denoiser a diffusion loop calls every step) as CUDA graphs, one per call
-    signature (each tensor's shape, dtype and strides plus every other argument's value), for one request: a step's
-    hundreds of kernel launches become one replay, with the same kernels on the same inputs.
-
-    Used as `with DenoiserGraphs(module).installed(): ...` (the module's forward is overridden on the instance and
-    restored on exit). A new signature runs the forward eagerly (that result is returned) and is then captured;
-    later calls copy their tensors into the captured inputs, replay, and return a copy of the captured outputs
-    (the next replay overwrites them). Falls back to the eager forward for tensors not on CUDA, under autograd,
-    for arguments it can't key, once `max_captures` signatures were captured (an argument that changes every step),
-    and for the rest of the request once a capture fails. At most `max_graphs` graphs are kept (least recently used
-    dropped); all are freed on exit, whether the block ends normally, with an error, or out of memory."""
-
-    def __init__(self, module: torch.nn.Module, max_graphs: int = 4, max_captures: int = 8,
-                 log: Optional[Log] = None):
-        self.module, self.forward = module, module.forward  # the bound class forward
-        self.max_graphs, self.max_captures, self.log = max_graphs, max_captures, log
-        self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (graph, static input tensors, static out)
-        self.captures = self.replays = 0
-        self.disabled: Optional[str] = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        self.module.forward = self
-        try:
-            yield self
-        finally:
-            self.module.__dict__.pop("forward", None)
-            self.graphs.clear()  # frees the graphs' memory pools (the caller empties the allocator's cache on OOM)
-
-    def summary(self) -> str:
-        return (f"cuda graphs: {self.captures} captured, {self.replays} replays" +
-                (f" ({self.disabled})" if self.disabled else ""))
-
-    # -- the call ------------------------------------------------------------------------------------------------
-
-    def __call__(self, *args, **kwargs):
-        if self.disabled is not None or torch.is_grad_enabled():
-            return self.forward(*args, **kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = self._key(leaves, spec)
-        if key is None:
-            return self.forward(*args, **kwargs)
-        entry = self.graphs.get(key)
-        if entry is not None:
-            self.graphs.move_to_end(key)
-            graph, static_inputs, static_out = entry
-            for buf, x in zip(static_inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
-                buf.copy_(x)
-            graph.replay()
-            self.replays += 1
-            return _clone_tensors(static_out)
-        if self.captures >= self.max_captures:
-            self.disabled = f"eager after {self.captures} captures: the call signature keeps changing"
-            return self.forward(*args, **kwargs)
-        return self._capture(key, leaves, spec)
-
-    def _key(self, leaves, spec) -> Optional[tuple]:
-        parts = []
-        for x in leaves:
-            if isinstance(x, torch.Tensor):
-                if not self._usable(x):
-                    return None
-                parts.append((tuple(x.shape), x.dtype, x.stride(), x.device))
-            else:
-                try:
-                    hash(x)
-                except TypeError:
-                    return None
-                parts.append((type(x), x))
-        return repr(spec), tuple(parts)
-
-    def _capture(self, key, leaves, spec):
-        static = [torch.empty_like(x).copy_(x) if isinstance(x, torch.Tensor) else x for x in leaves]
-
-        def call():
-            args, kwargs = pytree.tree_unflatten(static, spec)
-            return self.forward(*args, **kwargs)
-
-        self.captures += 1
-        result = self._warm_up(call)  # eager, on these inputs: this call's answer
-        try:
-            graph, static_out = self._record(call)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # an op that can't be captured: eager from now on, this request
-            self.disabled = f"capture failed, eager: {type(e).__name__}: {e}"[:300]
-            if self.log:
-                self.log(self.disabled)
-            return result
-        self.graphs[key] = (graph, [x for x in static if isinstance(x, torch.Tensor)], static_out)
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
-        return result
-
-    # -- the CUDA parts (tests replace these three to check the bookkeeping on CPU) --------------------------------
-
-    @staticmethod
-    def _usable(x: torch.Tensor) -> bool:
-        return x.is_cuda
-
-    @staticmethod
-    def _warm_up(call):
-        """One eager run on a side stream (lazy initialisations happen outside the capture), its outputs copied on
-        the current stream."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = call()
-        torch.cuda.current_stream().wait_stream(side)
-        return _clone_tensors(out)
-
-    @staticmethod
-    def _record(call):
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a capture here does not make other threads' CUDA calls (another model's request) fail
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = call()
-        return graph, out
-
-
-def _clone_tensors(tree):
-    return pytree.tree_map_only(torch.Tensor, torch.clone, tree)
-
-
 # Dance Diffusion's UNet1DModel (diffusers), two rewrites that give the same numbers up to rounding:
 
 def _group_norm_one_group(self, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm(1, C), i.e. statistics over all of (C, L) per sample, with the statistics from torch.var_mean (a
-    reduction spread over the whole GPU; PyTorch's group-norm kernel reduces each (sample, group) row in one thread
-    block, slow for 10^6-10^7 elements). Statistics and affine in fp32, as the native kernel."""
-    xf = x.float()
-    dims = tuple(range(1, x.dim()))
-    var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
-    scale = torch.rsqrt(var + self.eps)
-    shift = -mean * scale
-    if self.affine:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        weight, bias = self.weight.float().view(shape), self.bias.float().view(shape)
-        scale, shift = scale * weight, shift * weight + bias
-    return torch.addcmul(shift, xf, scale).to(x.dtype)
+    """GroupNorm(1, C), i.e. statistics over all of (C, L) per sample, by lib.group_norm (PyTorch's kernel reduces
+    each whole 128 x 65536 activation in one thread block)."""
+    return group_norm(x, 1, self.weight if self.affine else None, self.bias if self.affine else None, self.eps)
 
 
 def _downsample_per_channel(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ replayed as a CUDA graph after its first step, and group norm takes a parallel p
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lib.cuda_graphs import DenoiserGraphs
+from lib.group_norm import group_norm
 
 CHECKPOINT_FILE = "mbd_musicgen_32khz.th"
 EQ_BANDS = 32  # bands of the final energy re-matching (tokens_to_wav's default)
@@ -187,28 +191,13 @@ class BandSplitter(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 class _GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm whose statistics are parallel reductions on CUDA. torch's kernel gives each (batch,
-    group) row one thread block: with 4 groups and one 30 s band that is 4 blocks for the whole GPU, and it
-    measured 83% of a U-Net call on an H100 (bench/results/mbd-h100.json). Same function: statistics in
-    fp32, normalized in fp32, rounded once to the input dtype."""
+    """nn.GroupNorm whose statistics are parallel reductions on CUDA (lib.group_norm: torch's kernel runs 4 thread
+    blocks for a whole 30 s band, 83% of a U-Net call on an H100)."""
 
     def forward(self, x):
         if not x.is_cuda:
             return super().forward(x)
-        b, c = x.shape[:2]
-        g = x.reshape(b, self.num_groups, -1)
-        n = g.shape[-1]
-        if x.dtype == torch.float32:
-            var, mean = torch.var_mean(g, dim=-1, unbiased=False)
-        else:  # fp32 accumulation without an fp32 copy of the activation
-            mean = g.sum(-1, dtype=torch.float32) / n
-            var = (torch.linalg.vector_norm(g, 2, dim=-1, dtype=torch.float32) ** 2 / n - mean ** 2).clamp_(min=0)
-        rstd = torch.rsqrt(var + self.eps)  # (b, groups)
-        per = c // self.num_groups
-        scale = (rstd.repeat_interleave(per, dim=1) * self.weight.float()).view(b, c, *[1] * (x.dim() - 2))
-        shift = self.bias.float().view(1, c, *[1] * (x.dim() - 2)) - mean.repeat_interleave(per, dim=1).view(
-            b, c, *[1] * (x.dim() - 2)) * scale
-        return torch.addcmul(shift, x, scale).to(x.dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class _ResBlock(nn.Module):
@@ -544,14 +533,18 @@ class MultiBandDiffusion:
         s = band.schedule
         x = x * s.noise_scale
         cond = cond.to(self.dtype)
-        unet = _GraphedUNet(band.unet, x, cond) if self.device.type == "cuda" else band.unet
-        for i, (step, inv_sqrt_alpha, eps_coef, sigma) in enumerate(band.coefs):
-            est = unet(x.to(self.dtype), step, cond).float() * s.noise_scale
-            x = (x - eps_coef * est) * inv_sqrt_alpha
-            if sigma > 0:
-                x = x + sigma * noise(b, i + 1, x.shape) * s.noise_scale
-            if s.clip:
-                x = x.clamp(-s.clip, s.clip)
+        # on CUDA the U-Net call is replayed as a CUDA graph after its first (eager) step: one call is ~300
+        # kernels, and the graph took the host's launch time out (14.5 -> 10.4 ms per call at 30 s on an H100)
+        graphs = DenoiserGraphs(band.unet).installed() if self.device.type == "cuda" else contextlib.nullcontext()
+        with graphs:
+            for i, (step, inv_sqrt_alpha, eps_coef, sigma) in enumerate(band.coefs):
+                steps = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)  # read by the graph
+                est = band.unet(x.to(self.dtype), steps, cond).float() * s.noise_scale
+                x = (x - eps_coef * est) * inv_sqrt_alpha
+                if sigma > 0:
+                    x = x + sigma * noise(b, i + 1, x.shape) * s.noise_scale
+                if s.clip:
+                    x = x.clamp(-s.clip, s.clip)
         return band.processor(x) if band.processor is not None else x
 
     def re_eq(self, wav: torch.Tensor, ref: torch.Tensor, strictness: float = 1.0) -> torch.Tensor:
@@ -580,27 +573,3 @@ class MultiBandDiffusion:
         for b, band in enumerate(self.bands):
             total = total + self._denoise(band, inits[b], cond, noise, b)
         return self.re_eq(total, ref)
-
-
-class _GraphedUNet:
-    """A band's U-Net for one decode on CUDA: the first call runs eagerly (it is also the warm-up), then the
-    call is captured as a CUDA graph over static input / step buffers and replayed for the other steps. One
-    call is ~300 kernels; replaying them as a graph removed the host's launch time (14.5 -> 10.4 ms per
-    call at 30 s on an H100, bench/results/mbd-h100.json). Same kernels, same results."""
-
-    def __init__(self, unet: DiffusionUNet, x: torch.Tensor, cond: torch.Tensor):
-        self.unet, self.cond, self.graph = unet, cond, None
-        self.x = torch.empty(x.shape, device=x.device, dtype=cond.dtype)
-        self.step = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
-
-    def __call__(self, x: torch.Tensor, step: int, cond: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            out = self.unet(x, step, cond)  # eager: the warm-up (cuDNN / cuBLAS set-up) and a real step
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.unet(self.x, self.step, self.cond)
-            return out
-        self.x.copy_(x)
-        self.step.fill_(step)
-        self.graph.replay()
-        return self.out

@@ -309,7 +309,7 @@ class _CpuGraphs:
     tensors and writes into the captured outputs, as a replay does."""
 
     def make(self, module, fail=None, **kw):
-        from lib.diffusion import DenoiserGraphs, _clone_tensors
+        from lib.cuda_graphs import DenoiserGraphs, _clone_tensors
         import torch.utils._pytree as pytree
 
         class Replay:

@@ -15,29 +15,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib.musicgen_fast as mf  # noqa: E402
-
-
-def time_chain(fn, n_w, reps=20):
-    """us per GEMV: n_w launches over n_w weight copies captured as one graph, median of `reps` replays."""
-    g = torch.cuda.CUDAGraph()
-    fn(0)
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
-        for i in range(n_w):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    ts = []
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / n_w)
-    ts.sort()
-    return ts[len(ts) // 2] * 1000
+from gemv_sweep import SHAPES, time_chain  # noqa: E402
 
 
 @triton.jit
@@ -71,10 +51,6 @@ def gemv_dot(x, w, out, bn, bk, split, stages, warps):
 
 
 rows = 2
-SHAPES = {}
-for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
-    for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D)).items():
-        SHAPES[f"{name}.{what}"] = (N, K)
 CONFIGS = [(bn, bk, sp, st, nw) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for sp in (1, 2, 4, 8)
            for st in (3, 5) for nw in (4,)]
 

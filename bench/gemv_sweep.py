@@ -2,6 +2,7 @@
 cuBLAS (F.linear), weights rotated over enough copies to miss L2 (HBM, as in a real step).
     python3 bench/gemv_sweep.py [rows]        # prints per shape: cuBLAS, best config, its TB/s"""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,16 +12,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lib.musicgen_fast as mf  # noqa: E402
 
-rows = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+# the decode step's matrices (N, K) per model size
 SHAPES = {}
 for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
     for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D)).items():
         SHAPES[f"{name}.{what}"] = (N, K)
-CONFIGS = [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
-           if bn * bk * rows <= 8192 * nw and bn * bk >= 1024]
 
 
 def time_chain(fn, n_w, reps=20):
+    """us per GEMV: fn(0..n_w-1) (one weight copy each) captured as one graph, median of `reps` replays."""
     g = torch.cuda.CUDAGraph()
     fn(0)
     torch.cuda.synchronize()
@@ -38,40 +38,47 @@ def time_chain(fn, n_w, reps=20):
     return ts[len(ts) // 2] * 1000  # us per GEMV (launch gaps of the graph included)
 
 
-res = {}
-torch.manual_seed(0)
-for name, (N, K) in SHAPES.items():
-    nbytes = N * K * 2
-    n_w = max(8, int(160e6 // nbytes))
-    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * K ** -0.5 for _ in range(n_w)]
-    x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
-    out = torch.empty(rows, N, device="cuda", dtype=torch.float16)
-    ref = F.linear(x, ws[0]).float()
-    r = {"cublas_us": time_chain(lambda i: torch.matmul(x, ws[i].t(), out=out), n_w)}
-    best = None
-    for cfg in CONFIGS:
-        if N % cfg[0] or K % cfg[1]:
-            continue
-        y = mf._gemv(x, ws[0], config=cfg)
-        err = float((y.float() - ref).norm() / ref.norm())
-        assert err < 2e-3, (name, cfg, err)
-        us = time_chain(lambda i: mf._gemv(x, ws[i], out=out, config=cfg), n_w)
-        r[str(cfg)] = round(us, 2)
-        if best is None or us < best[1]:
-            best = (cfg, us)
-    r["best"] = best[0]
-    r["best_us"] = round(best[1], 2)
-    r["heuristic"] = mf._gemv_config(rows, N, K, 2)
-    r["heuristic_us"] = r.get(str(tuple(r["heuristic"])))
-    r["best_TBps"] = round(nbytes / best[1] / 1e6, 2)
-    r["cublas_TBps"] = round(nbytes / r["cublas_us"] / 1e6, 2)
-    res[name] = r
-    print(f"{name:14s} N{N:6d} K{K:5d} {nbytes/1e6:6.1f} MB cublas {r['cublas_us']:7.2f} us ({r['cublas_TBps']} TB/s) "
-          f"best {best[0]} {best[1]:7.2f} us ({r['best_TBps']} TB/s) heuristic {r['heuristic']} {r['heuristic_us']}",
-          flush=True)
-    del ws
-    torch.cuda.empty_cache()
-print("GEMV_SWEEP " + json.dumps({k: (v["best"], v["best_us"]) for k, v in res.items()}))
-import os
-if os.environ.get("OUT"):
-    Path(os.environ["OUT"], f"gemv-sweep-rows{rows}.json").write_text(json.dumps(res, indent=1))
+def main():
+    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    configs = [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
+               if bn * bk * rows <= 8192 * nw and bn * bk >= 1024]
+    res = {}
+    torch.manual_seed(0)
+    for name, (N, K) in SHAPES.items():
+        nbytes = N * K * 2
+        n_w = max(8, int(160e6 // nbytes))
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * K ** -0.5 for _ in range(n_w)]
+        x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
+        out = torch.empty(rows, N, device="cuda", dtype=torch.float16)
+        ref = F.linear(x, ws[0]).float()
+        r = {"cublas_us": time_chain(lambda i: torch.matmul(x, ws[i].t(), out=out), n_w)}
+        best = None
+        for cfg in configs:
+            if N % cfg[0] or K % cfg[1]:
+                continue
+            y = mf._gemv(x, ws[0], config=cfg)
+            err = float((y.float() - ref).norm() / ref.norm())
+            assert err < 2e-3, (name, cfg, err)
+            us = time_chain(lambda i: mf._gemv(x, ws[i], out=out, config=cfg), n_w)
+            r[str(cfg)] = round(us, 2)
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        r["best"] = best[0]
+        r["best_us"] = round(best[1], 2)
+        r["heuristic"] = mf._gemv_config(rows, N, K, 2)
+        r["heuristic_us"] = r.get(str(tuple(r["heuristic"])))
+        r["best_TBps"] = round(nbytes / best[1] / 1e6, 2)
+        r["cublas_TBps"] = round(nbytes / r["cublas_us"] / 1e6, 2)
+        res[name] = r
+        print(f"{name:14s} N{N:6d} K{K:5d} {nbytes/1e6:6.1f} MB cublas {r['cublas_us']:7.2f} us ({r['cublas_TBps']} TB/s) "
+              f"best {best[0]} {best[1]:7.2f} us ({r['best_TBps']} TB/s) heuristic {r['heuristic']} {r['heuristic_us']}",
+              flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    print("GEMV_SWEEP " + json.dumps({k: (v["best"], v["best_us"]) for k, v in res.items()}))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"gemv-sweep-rows{rows}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ Per engine, same request, steps and seed:
   stock_bfloat16  (ACE-Step only) the same call in bf16, the dtype ACE-Step's diffusers example loads it in
   ours_fp32   lib.diffusion's engine `run()` in fp32, every speed-up on: checks that our path gives the stock numbers
   ours        the engine as the predictor runs it on CUDA: the fp16 the service asks for becomes bf16 (Ampere+), the
-              denoiser replayed as CUDA graphs (lib.diffusion.DenoiserGraphs), Stable Audio decodes only the kept
+              denoiser replayed as CUDA graphs (lib.cuda_graphs.DenoiserGraphs), Stable Audio decodes only the kept
               latent frames, Dance Diffusion's UNet1D rewrites (fast GroupNorm(1, C), per-channel resampling)
   ours_*      ablations of `ours` (one speed-up off, or cudnn.benchmark on): what each part is worth, and
               `vs_ours` = how far each moves the output (graph replay should be bit-identical to eager)

@@ -363,7 +363,7 @@ CASES = {
                    vae="AutoencoderOobleck 44.1 kHz: 128 ch x [1,2,4,8,16], strides 2,4,4,8,8, 64 latent ch",
                    text="T5-base encoder (tokenizer: small offline vocab, padded to 128 as the real one)",
                    scheduler="CosineDPMSolverMultistepScheduler (SDE, torchsde), CFG 7"),
-        ablations=[("ours_no_graphs", GRAPHS_OFF)]),
+        ablations=[("ours_no_graphs", GRAPHS_OFF), ("ours_stock_snake", {"fused_snake": False})]),
     "dance-diffusion": Case(
         spec="dance-diffusion-maestro", engine=D.DanceDiffusionEngine, build=build_dance_diffusion,
         task="unconditional", stock=_stock_dance,
@@ -426,7 +426,9 @@ CASES = {
                    vae="AutoencoderOobleck 48 kHz stereo: 128 ch x [1,2,4,8,16], strides 2,4,4,6,10 (25 latents/"
                        "s), 64 latent ch",
                    scheduler="flow matching Euler, shift 3, turbo: no CFG"),
-        ablations=[("ours_no_graphs", GRAPHS_OFF)]),
+        ablations=[("ours_no_graphs", GRAPHS_OFF), ("ours_stock_snake", {"fused_snake": False}),
+                   ("ours_strided_tokens", {"contiguous_tokens": False}),
+                   ("ours_graphs_only", {"fused_snake": False, "contiguous_tokens": False})]),
 }
 
 
@@ -496,6 +498,51 @@ def profile(fn, top=12):
                           share=round(us(e) / max(total, 1), 3)) for e in rows[:top]])
 
 
+def stage_times(pipe, fn):
+    """Where one call of fn's wall time goes: GPU-synchronized time inside each pipeline component's forward (the
+    VAE's encoder and decoder separately; a module called inside another counts only in the outer one) and the
+    rest (host work between them), in ms. The syncs themselves cost a little; the total is reported with them."""
+    mods = {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module) and k != "vae"}
+    vae = getattr(pipe, "vae", None)
+    for part in ("encoder", "decoder"):
+        if vae is not None and isinstance(getattr(vae, part, None), torch.nn.Module):
+            mods[f"vae.{part}"] = getattr(vae, part)
+    spent, calls, depth, handles = {k: 0.0 for k in mods}, {k: 0 for k in mods}, [0], []
+    starts = {}
+
+    def pre(key):
+        def hook(*_a, **_k):
+            depth[0] += 1
+            if depth[0] == 1:
+                sync()
+                starts[key] = time.perf_counter()
+        return hook
+
+    def post(key):
+        def hook(*_a, **_k):
+            depth[0] -= 1
+            if depth[0] == 0:
+                sync()
+                spent[key] += time.perf_counter() - starts[key]
+                calls[key] += 1
+        return hook
+
+    for key, m in mods.items():
+        handles += [m.register_forward_pre_hook(pre(key)), m.register_forward_hook(post(key))]
+    try:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        total = time.perf_counter() - t
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: dict(ms=round(v * 1e3, 1), calls=calls[k]) for k, v in spent.items() if calls[k]}
+    return dict(total_ms=round(total * 1e3, 1), components=out,
+                rest_ms=round((total - sum(spent.values())) * 1e3, 1))
+
+
 def bench_engine(name, args, results, save):
     case = CASES[name]
     spec = MODELS[case.spec]
@@ -546,6 +593,9 @@ def bench_engine(name, args, results, save):
         graphs = next((ln.split(": ", 1)[1] for ln in reversed(lines) if "cuda graphs:" in ln), None)
         record(entry, label, out, times, peak, refs=(*refs, *extra_refs), dtype=str(engine.dtype),
                overrides=overrides or None, graphs=graphs)
+        if label in args.stages:
+            entry[label]["stages"] = stage_times(engine.pipe, lambda: run(steps))
+            log(f"  {label} stages: {entry[label]['stages']}")
         if label in args.profile:
             try:
                 entry[label]["profile"] = profile(lambda: run(2))
@@ -564,7 +614,13 @@ def bench_engine(name, args, results, save):
         with torch.inference_mode():
             stock(2)
             out, times, peak = timed(lambda: stock(steps), args.reps)
+            if label in args.stages:
+                stages = stage_times(pipe, lambda: stock(steps))
         record(entry, label, out, times, peak, refs=refs, dtype=str(half))
+        if label in args.stages:
+            entry[label]["stages"] = stages
+            log(f"  {label} stages: {stages}")
+        refs.append((f"vs_{label}", out, case.peak_normalize))
         save()
 
     def attempt(label, fn, *a, **kw):
@@ -631,6 +687,8 @@ def main():
     ap.add_argument("--ace-seconds", type=float, default=60.0)
     ap.add_argument("--profile", default="ours_plain,ours_no_graphs",
                     help="variants whose 2-step run is profiled (top kernels)")
+    ap.add_argument("--stages", default="ours,stock_bfloat16",
+                    help="variants whose timed call is also split by pipeline component (synchronized)")
     ap.add_argument("--skip", default="", help="ablation variants to leave out")
     ap.add_argument("--compile", default="", help="engines whose denoiser to also compile (slow: ~50-110 s each)")
     ap.add_argument("--compile-mode", default="default")
@@ -638,8 +696,8 @@ def main():
     ap.add_argument("--no-ours-fp32", dest="ours_fp32", action="store_false")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    args.compile, args.profile, args.skip = ([c for c in v.split(",") if c] for v in (args.compile, args.profile,
-                                                                                       args.skip))
+    args.compile, args.profile, args.skip, args.stages = ([c for c in v.split(",") if c] for v in (
+        args.compile, args.profile, args.skip, args.stages))
     engines = [e for e in args.engines.split(",") if e]
     unknown = [e for e in engines if e not in CASES]
     if unknown:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lib import audio as audio_io
+from lib import snake
 from lib.catalog import ModelSpec
 from lib.errors import UserError
 from lib.cuda_graphs import DenoiserGraphs
@@ -164,6 +165,7 @@ class DiffusionEngine:
     duration_note: str = ""
     denoiser: str = ""  # the pipeline component the denoising loop calls every step
     cuda_graphs: bool = True  # on CUDA, replay the denoiser as CUDA graphs (DenoiserGraphs), one request at a time
+    fused_snake: bool = True  # on CUDA, the Oobleck VAE's Snake activations as one kernel each (lib.snake)
 
     def __init__(self, spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype):
         self.spec, self.folder, self.device = spec, Path(folder), torch.device(device)
@@ -230,6 +232,9 @@ class DiffusionEngine:
     def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
         """Enter, for this request, what makes the denoising loop faster on CUDA (nothing on other devices); the
         stack undoes it all when the request ends, normally or not (graphs freed, overrides removed)."""
+        vae = getattr(self.pipe, "vae", None)
+        if self.fused_snake and vae is not None and snake.available(self.device):
+            stack.enter_context(snake.fused_snake(vae))
         if self.device.type == "cuda" and self.cuda_graphs and self.denoiser:
             return stack.enter_context(DenoiserGraphs(getattr(self.pipe, self.denoiser), log=log).installed())
         return None
@@ -248,6 +253,18 @@ LANGUAGE_RE = re.compile(r"^([a-z]{2,3}(-[A-Za-z]{2,4})?|unknown)$")
 REPAINT_CROSSFADE_S = 0.02  # the crossfade at each edge of a repainted window, inside the window
 
 
+def _row_major_hidden_states(module, args, kwargs):
+    """Forward pre-hook on the first block of diffusers' AceStepTransformer1DModel. The model feeds its blocks
+    `proj_in_conv(x.transpose(1, 2)).transpose(1, 2)`: a transposed view whose row stride is the sequence length.
+    Elementwise ops keep that layout all the way through the 32 blocks (strided, unvectorized kernels), and every
+    projection reads it with a leading dimension that is not 16-byte aligned, so cuBLAS falls back to sm80 "align2"
+    kernels. One copy to row-major layout before the first block: the same values, aligned GEMMs."""
+    h = kwargs.get("hidden_states")
+    if h is None or h.is_contiguous():
+        return None
+    return args, {**kwargs, "hidden_states": h.contiguous()}
+
+
 class AceStepEngine(DiffusionEngine):
     pipeline_class = "AceStepPipeline"
     denoiser = "transformer"
@@ -256,6 +273,7 @@ class AceStepEngine(DiffusionEngine):
     duration_note = " (trained on 10 to 600 s; this container serves up to its global limit)"
     sample_rate = 48000
     channels = 2
+    contiguous_tokens: bool = True  # on CUDA, the DiT's token stream in row-major layout (_row_major_hidden_states)
 
     def __init__(self, spec, folder, device, dtype):
         super().__init__(spec, folder, device, dtype)
@@ -268,6 +286,14 @@ class AceStepEngine(DiffusionEngine):
 
     def duration_tasks(self) -> tuple:
         return ("text2music",)
+
+    def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
+        graphs = super()._speedups(stack, log)
+        if self.device.type == "cuda" and self.contiguous_tokens:
+            handle = self.pipe.transformer.layers[0].register_forward_pre_hook(_row_major_hidden_states,
+                                                                              with_kwargs=True)
+            stack.callback(handle.remove)
+        return graphs
 
     def check(self, req, task):
         super().check(req, task)
@@ -537,6 +563,26 @@ class DanceDiffusionEngine(DiffusionEngine):
 
 # -- Stable Audio Open -------------------------------------------------------------------------------------
 
+class _RotaryOnDevice:
+    """Forward pre-hook on diffusers' StableAudioDiTModel. StableAudioPipeline builds the rotary embedding on the
+    CPU and passes it every step; each attention layer then copies it to the GPU from pageable memory, a copy that
+    waits for the GPU to drain, 48 times a step, so host and GPU never overlap, and the CPU tensors keep
+    DenoiserGraphs from capturing the step. The hook hands the DiT a device copy instead, made once per request
+    (the pipeline passes the same tensors every step): the same values, and the step becomes one graph replay."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.copies = device, {}
+
+    def __call__(self, module, args, kwargs):
+        rotary = kwargs.get("rotary_embedding")
+        if not isinstance(rotary, tuple) or not all(isinstance(t, torch.Tensor) and not t.is_cuda for t in rotary):
+            return None
+        key = tuple(id(t) for t in rotary)
+        if key not in self.copies:  # the CPU tensors are kept too, so that their ids can't be reused meanwhile
+            self.copies = {key: (rotary, tuple(t.to(self.device) for t in rotary))}
+        return args, {**kwargs, "rotary_embedding": self.copies[key][1]}
+
+
 class StableAudioEngine(DiffusionEngine):
     pipeline_class = "StableAudioPipeline"
     denoiser = "transformer"
@@ -553,6 +599,14 @@ class StableAudioEngine(DiffusionEngine):
         self.max_duration_s = self.pipe.transformer.config.sample_size * vae.hop_length / self.sample_rate
         self.duration_note = " (its DiT's window)"
         self.scheduler_config = dict(self.pipe.scheduler.config)
+
+    def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
+        graphs = super()._speedups(stack, log)
+        if self.device.type == "cuda":
+            hook = _RotaryOnDevice(self.device)
+            handle = self.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+            stack.callback(handle.remove)
+        return graphs
 
     def check(self, req, task):
         super().check(req, task)

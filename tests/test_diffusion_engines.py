@@ -403,3 +403,47 @@ def test_cpu_engines_use_neither_graphs_nor_rewrites(tiny_weights):
     hook.remove()
     assert seen[2:] and all(n > 0 for n in seen[2:]) and not _instance_forwards(eng.unet)
     assert plain.shape == rewritten.shape and np.abs(plain - rewritten).max() < 1e-4
+
+
+def test_ace_step_dit_blocks_get_row_major_tokens_and_the_same_latents():
+    """diffusers' ACE-Step DiT hands its blocks a transposed view (unaligned GEMMs on the GPU); the engine's
+    pre-hook makes it row-major before the first block, which must not change the result."""
+    import torch
+
+    from lib.diffusion import _row_major_hidden_states
+    from lib.tiny_diffusion import build_ace_step
+
+    pipe = build_ace_step(turbo=True, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    layer0, seen = pipe.transformer.layers[0], []
+    spy = layer0.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].is_contiguous()),
+                                           with_kwargs=True)
+
+    def latents():
+        return pipe(prompt="pads", lyrics="", audio_duration=2.0, num_inference_steps=2, output_type="latent",
+                    return_dict=False, generator=torch.Generator().manual_seed(0))[0]
+
+    with torch.inference_mode():
+        plain = latents()
+        fix = layer0.register_forward_pre_hook(_row_major_hidden_states, with_kwargs=True, prepend=True)
+        fixed = latents()
+    fix.remove(), spy.remove()
+    assert seen == [False, False, True, True]
+    assert torch.allclose(fixed, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+
+
+def test_stable_audio_rotary_embedding_is_copied_once_per_pair():
+    import torch
+
+    from lib.diffusion import _RotaryOnDevice
+
+    hook = _RotaryOnDevice(torch.device("cpu"))
+    pair = (torch.randn(8, 4), torch.randn(8, 4))
+    _, first = hook(None, ("x",), {"rotary_embedding": pair, "return_dict": False})
+    _, again = hook(None, ("x",), {"rotary_embedding": pair, "return_dict": False})
+    assert again["rotary_embedding"] is first["rotary_embedding"]  # the same device copy every step
+    assert all(torch.equal(a, b) for a, b in zip(first["rotary_embedding"], pair)) and not again["return_dict"]
+    other = (torch.randn(8, 4), torch.randn(8, 4))
+    _, new = hook(None, (), {"rotary_embedding": other})
+    assert torch.equal(new["rotary_embedding"][0], other[0]) and len(hook.copies) == 1
+    assert hook(None, (), {"rotary_embedding": None}) is None  # nothing to move: the call goes on unchanged

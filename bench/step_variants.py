@@ -1,6 +1,7 @@
-"""Decode-step variants of our fused path on one GPU (30 s clip, batch 1, CFG 3, top_k 250, fp16):
-L2-prefetch size, and the cuBLAS step for reference. Every fused variant must give the same tokens as the
-first (same seed). (Programmatic dependent launch was tried the same way and measured slower:
+"""Decode-step variants on one GPU (30 s clip, batch 1, CFG 3, top_k 250, fp16): the persistent one-launch
+step (lib.musicgen_fast._persistent_step_kernel) and its launch configurations, the ~8-launches-per-layer fused
+step with its L2-prefetch sizes, and the cuBLAS step for reference. `agreement`: the share of tokens equal to the
+first variant's (same seed; fp16 sums in another order can flip a sampled token, which then changes the rest). (Programmatic dependent launch was tried the same way and measured slower:
 results/musicgen-h100-step-variants-pdl.txt, patch in results/musicgen-h100-pdl-experiment.diff.)
     python3 bench/step_variants.py small,medium,large [variant,...]"""
 import json
@@ -17,8 +18,12 @@ from lib.musicgen_codes import decoding_steps  # noqa: E402
 from lib.musicgen_fast import FastMusicgen  # noqa: E402
 
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "medium", "large"]
-variants = [("fused-pf0", dict(prefetch_bytes=0)), ("cublas-step", dict(fused_step=False)),
-            ("fused-pf8M", dict(prefetch_bytes=8 << 20)), ("fused-pf24M", dict(prefetch_bytes=24 << 20))]
+variants = [("persistent", dict()), ("persistent-w8", dict(persistent_config=dict(num_warps=8))),
+            ("persistent-nopf", dict(persistent_config=dict(PREFETCH=False))),
+            ("persistent-bn4", dict(persistent_config=dict(BLOCK_N=4))),
+            ("fused-pf0", dict(persistent=False, prefetch_bytes=0)), ("cublas-step", dict(fused_step=False)),
+            ("fused-pf8M", dict(persistent=False, prefetch_bytes=8 << 20)),
+            ("fused-pf24M", dict(persistent=False, prefetch_bytes=24 << 20))]
 if len(sys.argv) > 2:
     variants = [v for v in variants if v[0] in sys.argv[2].split(",")]
 res = {}
@@ -37,11 +42,10 @@ for size in sizes:
             torch.cuda.synchronize()
             dts.append(time.perf_counter() - t)
         dt = min(dts)
-        same = None
-        if name.startswith("fused"):
-            ref = codes if ref is None else ref
-            same = bool(torch.equal(ref, codes))
-        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3), same_tokens=same)
+        ref = codes if ref is None else ref
+        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3),
+                                     agreement=round(float((ref == codes).float().mean()), 4),
+                                     config=fast._persistent_config(2) if fast.persistent else None)
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()

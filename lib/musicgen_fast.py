@@ -789,6 +789,7 @@ class FastMusicgen:
         # the fused step as ONE persistent kernel (_persistent_step_kernel) instead of ~8 launches per layer
         self.persistent = self.fused_step if persistent is None else (persistent and self.fused_step)
         self.persistent_config = persistent_config or {}  # overrides of _persistent_config (bench sweeps)
+        self._resident: dict = {}  # launch config -> programs that fit on the GPU at once
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[cfg.activation_function]
@@ -1102,9 +1103,10 @@ class FastMusicgen:
         def cost(bn):
             return sum(-(-(n // bn) // G) * bn * k for n, k in phases)
 
-        bns = [bn for bn in (16, 8, 4, 2, 1) if all(n % bn == 0 for n, _ in phases) and D % bn == 0]
-        cfg = dict(G=G, BLOCK_N=min(bns, key=lambda bn: (cost(bn), -bn)), num_warps=4, BLOCK_T=64)
+        bns = [bn for bn in (16, 8, 4) if all(n % bn == 0 for n, _ in phases) and D % bn == 0] or [1]
+        cfg = dict(G=G, BLOCK_N=min(bns, key=lambda bn: (cost(bn), -bn)), num_warps=4, BLOCK_T=64, ctas_per_sm=1)
         cfg.update(self.persistent_config)
+        cfg["G"] = G * cfg["ctas_per_sm"]  # clamped to what fits at once on first launch (_persistent_grid)
         rows_bn = rows * cfg["BLOCK_N"]
 
         def bk(k):
@@ -1138,16 +1140,38 @@ class FastMusicgen:
         w = self.stacked
         cross = not self.melody
         ck, cv, cb = (s.ck, s.cv, s.cbias) if cross else (h, h, h)
-        _persistent_step_kernel[(pc["G"],)](
+        args = (
             s.cur, s.kv_pos, self.emb, self._pe, h, s.bar, w["ln1"], w["wqkv"], w["wo"], w.get("ln2", h),
             w.get("wq_c", h), w.get("wo_c", h), w["ln3"], w["fc1"], w["fc2"], self.ln_f_buf, self.heads,
             q, a, f, logits, part, s.cnt, s.k, s.v, ck, cv, cb,
             self.n_layers, s.seq.shape[0], self.V + 1, s.max_len, s.cond_len, nv, self.eps, hd ** -0.5,
-            self.emb.element_size(),
+            self.emb.element_size())
+        kw = dict(
             D=D, FFN=self.ffn, NH=H, HD=hd, KCB=self.K, ROWS=rows, CROSS=cross, NSPLIT=pc["NSPLIT"],
             BLOCK_N=pc["BLOCK_N"], BLOCK_K=pc["BLOCK_K"], BLOCK_KF=pc["BLOCK_KF"], BLOCK_T=pc["BLOCK_T"],
             BLOCK_D=triton.next_power_of_2(D), PREFETCH=pc["PREFETCH"], num_warps=pc["num_warps"])
+        _persistent_step_kernel[self._persistent_grid(pc, args, kw)](*args, **kw)
         self._sample_fused(s, logits, cfg, mode)
+
+    def _persistent_grid(self, pc: dict, args: tuple, kw: dict) -> tuple:
+        """The grid barrier needs every program resident at once: G is clamped to SMs x the blocks per SM that the
+        compiled kernel's registers and shared memory allow (read from the compiled kernel; a grid that can't
+        all be resident would spin forever)."""
+        if not self.cuda:
+            return (pc["G"],)
+        key = tuple(sorted((k, v) for k, v in pc.items() if k != "G"))
+        fits = self._resident.get(key)
+        if fits is None:
+            kern = _persistent_step_kernel.warmup(*args, grid=(1,), **kw)  # compiles, launches nothing
+            props = torch.cuda.get_device_properties(self.device)
+            warps = pc["num_warps"]
+            regs_per_warp = -(-max(kern.n_regs, 1) * 32 // 256) * 256
+            by_regs = (props.regs_per_multiprocessor // regs_per_warp) // warps
+            smem = int(getattr(kern.metadata, "shared", 0) or 0)
+            by_smem = props.shared_memory_per_multiprocessor // smem if smem else 64
+            per_sm = max(1, min(by_regs, by_smem, props.max_threads_per_multi_processor // (32 * warps)))
+            fits = self._resident[key] = per_sm * props.multi_processor_count
+        return (min(pc["G"], fits),)
 
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
         if self.fused and self.fused_step and s.rows <= self.fused_max_rows:

@@ -1163,6 +1163,7 @@ class FastMusicgen:
         fits = self._resident.get(key)
         if fits is None:
             kern = _persistent_step_kernel.warmup(*args, grid=(1,), **kw)  # compiles, launches nothing
+            kern._init_handles()  # loads the binary: n_regs
             props = torch.cuda.get_device_properties(self.device)
             warps = pc["num_warps"]
             regs_per_warp = -(-max(kern.n_regs, 1) * 32 // 256) * 256

@@ -409,226 +409,10 @@ if triton is not None:
         tl.store(Cur + j, new)
 
     @triton.jit
-    def _advance_kernel(A, B, C, Bar):
+    def _advance_kernel(A, B, C):
         tl.store(A, tl.load(A) + 1)
         tl.store(B, tl.load(B) + 1)
         tl.store(C, tl.load(C) + 1)
-        tl.store(Bar, 0)  # the persistent step's grid barrier starts the next step from zero
-
-    # ---------------------------------------------------------------------- the persistent decode step
-    # One launch per decode step: a grid of one program per SM (all resident at once) walks every phase of
-    # every layer, with a grid-wide barrier between phases. Each GEMV phase splits its matrix into tiles of
-    # BLOCK_N rows (full K); program p takes tiles p, p + G, ... Before each barrier a program asks L2 for its
-    # tiles of the next GEMV, so HBM keeps streaming weights while the grid waits. Activations written by
-    # other programs are read with .cg loads (L2, never a stale L1 line).
-
-    @triton.jit
-    def _grid_sync(Bar, target):
-        """Arrive at the grid barrier and wait for all G programs; `target` = G x barriers so far this step."""
-        tl.debug_barrier()  # this program's stores precede its arrival
-        tl.atomic_add(Bar, 1, sem="release")
-        while tl.load(Bar, volatile=True) < target:
-            pass
-        tl.atomic_add(Bar, 0, sem="acquire")
-        tl.debug_barrier()
-
-    @triton.jit
-    def _prefetch_tiles(W, n_tiles, tile_bytes, PREFETCH: tl.constexpr):
-        """Ask L2 for this program's tiles of W (tile t: bytes [t, t + 1) x tile_bytes), 32 pieces each."""
-        if PREFETCH:
-            lane = tl.arange(0, 32)
-            piece = tile_bytes // 32
-            for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-                off = tl.cast(t, tl.int64) * tile_bytes + lane * piece
-                tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
-                                          [W.to(tl.pointer_type(tl.int8)) + off, tl.full([32], piece, tl.int32)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _mv_phase(X, W, N, K, Y, LW, LB, eps, KC, VC, kv_base, pos, s_r, s_h, D,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HD: tl.constexpr,
-                  LN: tl.constexpr, EPI: tl.constexpr):
-        """Y = X W^T for the ROWS rows of X (row stride K; W (N, K) row-major), this program's tiles.
-        LN: X is layer-normed first (stats in fp32, rounded to X's dtype, as the separate layer norm).
-        EPI 0: store; 1: exact GELU of the rounded product; 2: Y += product (the residual, in place, in fp32,
-        rounded once); 3: the fused q/k/v projection: q to Y, the new key and value into the caches KC, VC at
-        `pos` (row r, head h at kv_base + r s_r + h s_h + pos HD)."""
-        m = tl.arange(0, ROWS)
-        kk = tl.arange(0, BLOCK_K)
-        mean = tl.zeros([ROWS], tl.float32)
-        rstd = tl.zeros([ROWS], tl.float32)
-        if LN:
-            s1 = tl.zeros([ROWS], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                s1 += tl.sum(tl.load(X + m[:, None] * K + (k0 + kk)[None, :], cache_modifier=".cg").to(tl.float32),
-                             axis=1)
-            mean = s1 / K
-            s2 = tl.zeros([ROWS], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xc = tl.load(X + m[:, None] * K + (k0 + kk)[None, :], cache_modifier=".cg").to(tl.float32) - \
-                    mean[:, None]
-                s2 += tl.sum(xc * xc, axis=1)
-            rstd = tl.rsqrt(s2 / K + eps)
-        for t in range(tl.program_id(0), N // BLOCK_N, tl.num_programs(0)):
-            n0 = t * BLOCK_N
-            n = n0 + tl.arange(0, BLOCK_N)
-            acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + kk
-                w = tl.load(W + n[:, None].to(tl.int64) * K + k[None, :], eviction_policy="evict_first")
-                x = tl.load(X + m[:, None] * K + k[None, :], cache_modifier=".cg")
-                if LN:
-                    lw = tl.load(LW + k).to(tl.float32)
-                    lb = tl.load(LB + k).to(tl.float32)
-                    x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(
-                        X.dtype.element_ty)
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            if EPI == 0:
-                tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty))
-            elif EPI == 1:
-                g = acc.to(Y.dtype.element_ty).to(tl.float32)
-                g = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-                tl.store(Y + m[:, None] * N + n[None, :], g.to(Y.dtype.element_ty))
-            elif EPI == 2:
-                y = Y + m[:, None] * N + n[None, :]
-                tl.store(y, (acc + tl.load(y, cache_modifier=".cg").to(tl.float32)).to(Y.dtype.element_ty))
-            else:
-                part = n0 // D  # 0: q, 1: key, 2: value (BLOCK_N divides D)
-                c = n - part * D
-                if part == 0:
-                    tl.store(Y + m[:, None] * D + c[None, :], acc.to(Y.dtype.element_ty))
-                else:
-                    off = kv_base + m[:, None].to(tl.int64) * s_r + (c // HD)[None, :] * s_h + pos * HD + \
-                        (c % HD)[None, :]
-                    if part == 1:
-                        tl.store(KC + off, acc.to(KC.dtype.element_ty))
-                    else:
-                        tl.store(VC + off, acc.to(VC.dtype.element_ty))
-
-    @triton.jit
-    def _self_attn_phase(Q, A, KC, VC, kv_base, pos, s_r, s_h, Part, Cnt, scale, D, NH,
-                         ROWS: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
-        """Flash-decoding over the cache [0, pos] (the new key is already in it): unit (row, head, split); the
-        last split of a (row, head) to finish (atomic counter) merges them into A and resets the counter."""
-        d = tl.arange(0, HD)
-        n = pos + 1
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
-        for u in range(tl.program_id(0), ROWS * NH * NSPLIT, tl.num_programs(0)):
-            sp = u % NSPLIT
-            rh = u // NSPLIT
-            r = rh // NH
-            h = rh % NH
-            q = tl.load(Q + r * D + h * HD + d, cache_modifier=".cg").to(tl.float32) * scale
-            kb = KC + kv_base + tl.cast(r, tl.int64) * s_r + h * s_h
-            vb = VC + kv_base + tl.cast(r, tl.int64) * s_r + h * s_h
-            lo = sp * chunk
-            acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, tl.minimum(lo + chunk, n), HD, HD=HD, BLOCK_T=BLOCK_T,
-                                         HAS_BIAS=False)
-            base = Part + (rh * NSPLIT + sp) * (HD + 2)
-            tl.store(base + d, acc)
-            tl.store(base + HD, m_i)
-            tl.store(base + HD + 1, l_i)
-            tl.debug_barrier()
-            if tl.atomic_add(Cnt + rh, 1, sem="acq_rel") == NSPLIT - 1:
-                j = tl.arange(0, NSPLIT)
-                pb = Part + rh * NSPLIT * (HD + 2)
-                mj = tl.load(pb + j * (HD + 2) + HD, volatile=True)
-                lj = tl.load(pb + j * (HD + 2) + HD + 1, volatile=True)
-                aj = tl.load(pb + j[:, None] * (HD + 2) + d[None, :], volatile=True)
-                wj = tl.exp(mj - tl.max(mj, axis=0))
-                out = tl.sum(aj * wj[:, None], axis=0) / tl.sum(lj * wj, axis=0)
-                tl.store(A + r * D + h * HD + d, out.to(A.dtype.element_ty))
-                tl.atomic_xchg(Cnt + rh, 0)
-
-    @triton.jit
-    def _cross_attn_phase(Q, A, CK, CV, c_base, cond_len, Bias, scale, D, NH,
-                          ROWS: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr):
-        d = tl.arange(0, HD)
-        for u in range(tl.program_id(0), ROWS * NH, tl.num_programs(0)):
-            r = u // NH
-            h = u % NH
-            q = tl.load(Q + r * D + h * HD + d, cache_modifier=".cg").to(tl.float32) * scale
-            off = c_base + tl.cast(r * NH + h, tl.int64) * cond_len * HD
-            acc, m_i, l_i = _attend_span(q, CK + off, CV + off, Bias + r * cond_len, 0, cond_len, HD, HD=HD,
-                                         BLOCK_T=BLOCK_T, HAS_BIAS=True)
-            tl.store(A + r * D + h * HD + d, (acc / l_i).to(A.dtype.element_ty))
-
-    @triton.jit
-    def _persistent_step_kernel(
-            Cur, Pos, Emb, Pe, Hs, Bar, LN1, WQKV, WO, LN2, WQC, WOC, LN3, FC1, FC2, LNF, HEADS,
-            Qb, Ab, Fb, Logits, Part, Cnt, KC, VC, CK, CV, CBias,
-            n_layers, bb, V1, max_len, cond_len, NV, eps, scale, tile_elt,
-            D: tl.constexpr, FFN: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, KCB: tl.constexpr,
-            ROWS: tl.constexpr, CROSS: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, BLOCK_KF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-            PREFETCH: tl.constexpr):
-        """One whole decode step (embedding, every layer, final norm and heads -> Logits) for ROWS rows."""
-        G = tl.num_programs(0)
-        pid = tl.program_id(0)
-        pos = tl.load(Pos)
-        tb = BLOCK_N * tile_elt  # bytes per weight row-tile, per element of K
-        c = tl.arange(0, BLOCK_D)
-        cm = c < D
-        for r in range(pid, ROWS, G):  # the input: codebook embeddings summed (fp32, rounded) + position
-            e = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for k in tl.static_range(KCB):
-                tok = tl.load(Cur + (r % bb) * KCB + k)
-                e += tl.load(Emb + (tok + k * V1) * D + c, mask=cm, other=0.0).to(tl.float32)
-            pe = tl.load(Pe + pos * D + c, mask=cm, other=0.0).to(tl.float32)
-            tl.store(Hs + r * D + c, (e.to(Hs.dtype.element_ty).to(tl.float32) + pe).to(Hs.dtype.element_ty),
-                     mask=cm)
-        _prefetch_tiles(WQKV, 3 * D // BLOCK_N, tb * D, PREFETCH)
-        nbar = 1
-        _grid_sync(Bar, nbar * G)
-        s_h = max_len * HD
-        s_r = NH * s_h
-        cs_r = NH * cond_len * HD
-        for l in range(n_layers):
-            kv_base = tl.cast(l, tl.int64) * ROWS * s_r
-            _mv_phase(Hs, WQKV + tl.cast(l, tl.int64) * 3 * D * D, 3 * D, D, Qb, LN1 + l * 2 * D, LN1 + l * 2 * D + D, eps,
-                      KC, VC, kv_base, pos, s_r, s_h, D, ROWS, BLOCK_N, BLOCK_K, HD, LN=True, EPI=3)
-            _prefetch_tiles(WO + tl.cast(l, tl.int64) * D * D, D // BLOCK_N, tb * D, PREFETCH)
-            nbar += 1
-            _grid_sync(Bar, nbar * G)
-            _self_attn_phase(Qb, Ab, KC, VC, kv_base, pos, s_r, s_h, Part, Cnt, scale, D, NH, ROWS, HD, BLOCK_T,
-                             NSPLIT)
-            nbar += 1
-            _grid_sync(Bar, nbar * G)
-            _mv_phase(Ab, WO + tl.cast(l, tl.int64) * D * D, D, D, Hs, LN1, LN1, eps, KC, VC, kv_base, pos, s_r, s_h, D,
-                      ROWS, BLOCK_N, BLOCK_K, HD, LN=False, EPI=2)
-            if CROSS:
-                _prefetch_tiles(WQC + tl.cast(l, tl.int64) * D * D, D // BLOCK_N, tb * D, PREFETCH)
-                nbar += 1
-                _grid_sync(Bar, nbar * G)
-                _mv_phase(Hs, WQC + tl.cast(l, tl.int64) * D * D, D, D, Qb, LN2 + l * 2 * D, LN2 + l * 2 * D + D, eps,
-                          KC, VC, kv_base, pos, s_r, s_h, D, ROWS, BLOCK_N, BLOCK_K, HD, LN=True, EPI=0)
-                _prefetch_tiles(WOC + tl.cast(l, tl.int64) * D * D, D // BLOCK_N, tb * D, PREFETCH)
-                nbar += 1
-                _grid_sync(Bar, nbar * G)
-                _cross_attn_phase(Qb, Ab, CK, CV, tl.cast(l, tl.int64) * ROWS * cs_r, cond_len, CBias, scale, D, NH, ROWS,
-                                  HD, BLOCK_T)
-                nbar += 1
-                _grid_sync(Bar, nbar * G)
-                _mv_phase(Ab, WOC + tl.cast(l, tl.int64) * D * D, D, D, Hs, LN1, LN1, eps, KC, VC, kv_base, pos, s_r, s_h,
-                          D, ROWS, BLOCK_N, BLOCK_K, HD, LN=False, EPI=2)
-            _prefetch_tiles(FC1 + tl.cast(l, tl.int64) * FFN * D, FFN // BLOCK_N, tb * D, PREFETCH)
-            nbar += 1
-            _grid_sync(Bar, nbar * G)
-            _mv_phase(Hs, FC1 + tl.cast(l, tl.int64) * FFN * D, FFN, D, Fb, LN3 + l * 2 * D, LN3 + l * 2 * D + D, eps,
-                      KC, VC, kv_base, pos, s_r, s_h, D, ROWS, BLOCK_N, BLOCK_K, HD, LN=True, EPI=1)
-            _prefetch_tiles(FC2 + tl.cast(l, tl.int64) * D * FFN, D // BLOCK_N, tb * FFN, PREFETCH)
-            nbar += 1
-            _grid_sync(Bar, nbar * G)
-            _mv_phase(Fb, FC2 + tl.cast(l, tl.int64) * D * FFN, D, FFN, Hs, LN1, LN1, eps, KC, VC, kv_base, pos, s_r, s_h,
-                      D, ROWS, BLOCK_N, BLOCK_KF, HD, LN=False, EPI=2)
-            if l + 1 < n_layers:
-                _prefetch_tiles(WQKV + tl.cast(l + 1, tl.int64) * 3 * D * D, 3 * D // BLOCK_N, tb * D, PREFETCH)
-            else:
-                _prefetch_tiles(HEADS, NV // BLOCK_N, tb * D, PREFETCH)
-            nbar += 1
-            _grid_sync(Bar, nbar * G)
-        _mv_phase(Hs, HEADS, NV, D, Logits, LNF, LNF + D, eps, KC, VC, 0, pos, s_r, s_h, D, ROWS, BLOCK_N, BLOCK_K,
-                  HD, LN=True, EPI=0)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) per (rows bucket, N, K); filled from bench sweeps, else the heuristic below
@@ -741,7 +525,6 @@ class _Slot:
     top_k: torch.Tensor  # (1,) long
     top_p_thr: torch.Tensor  # () fp32: 1 - top_p
     cnt: torch.Tensor | None = None  # (rows * H,) int32 zeros: the fused self-attention's split counters
-    bar: torch.Tensor | None = None  # (1,) int32: the persistent step's grid-barrier counter (0 between steps)
     graphs: dict = field(default_factory=dict)
 
 
@@ -752,8 +535,7 @@ class FastMusicgen:
 
     def __init__(self, model, device=None, dtype=None, *, kv_block: int = 256, cond_block: int = 32,
                  noise_chunk: int = 64, max_inflight: int = 16, use_cuda_graphs: bool | None = None,
-                 attn: str | None = None, fused_step: bool | None = None, prefetch_bytes: int = 0,
-                 persistent: bool | None = None, persistent_config: dict | None = None):
+                 attn: str | None = None, fused_step: bool | None = None, prefetch_bytes: int = 0):
         self.model = model
         lm = model.decoder  # MusicgenForCausalLM / MusicgenMelodyForCausalLM
         dec = lm.model.decoder
@@ -786,10 +568,6 @@ class FastMusicgen:
         # the fused GEMV is tuned for the CFG pair (2 rows); at 8 and 16 rows it ran 2-7x slower than cuBLAS
         # (bench/README.md), so batched requests keep the cuBLAS step
         self.fused_max_rows = 2
-        # the fused step as ONE persistent kernel (_persistent_step_kernel) instead of ~8 launches per layer
-        self.persistent = self.fused_step if persistent is None else (persistent and self.fused_step)
-        self.persistent_config = persistent_config or {}  # overrides of _persistent_config (bench sweeps)
-        self._resident: dict = {}  # launch config -> programs that fit on the GPU at once
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[cfg.activation_function]
@@ -805,23 +583,14 @@ class FastMusicgen:
         D, ffn = self.D, cfg.ffn_dim
         self.emb = buf(self.K * (self.V + 1), D)  # the K embedding tables, stacked
         self.emb_offsets = (torch.arange(self.K, device=self.device) * (self.V + 1))
-        # one buffer per kind of weight, stacked over the layers (the persistent step kernel indexes them by
-        # layer); each _Layer holds views into them
-        nl = len(dec.layers)
-        self.stacked = dict(ln1=buf(nl, 2, D), wqkv=buf(nl, 3 * D, D), wo=buf(nl, D, D), ln3=buf(nl, 2, D),
-                            fc1=buf(nl, ffn, D), fc2=buf(nl, D, ffn))
-        if not self.melody:
-            self.stacked.update(ln2=buf(nl, 2, D), wq_c=buf(nl, D, D), wkv_c=buf(nl, 2 * D, D), wo_c=buf(nl, D, D))
         self.layers = []
-        for i in range(nl):
-            w = {k: v[i] for k, v in self.stacked.items()}
-            for k in ("ln1", "ln2", "ln3"):
-                if k in w:
-                    w[k] = (w[k][0], w[k][1])
-            self.layers.append(_Layer(**w))
-        self.ffn = ffn
-        self.ln_f_buf = buf(2, D)
-        self.ln_f = (self.ln_f_buf[0], self.ln_f_buf[1])
+        for _ in dec.layers:
+            lay = _Layer(ln1=(buf(D), buf(D)), wqkv=buf(3 * D, D), wo=buf(D, D), ln3=(buf(D), buf(D)),
+                         fc1=buf(ffn, D), fc2=buf(D, ffn))
+            if not self.melody:
+                lay.ln2, lay.wq_c, lay.wkv_c, lay.wo_c = (buf(D), buf(D)), buf(D, D), buf(2 * D, D), buf(D, D)
+            self.layers.append(lay)
+        self.ln_f = (buf(D), buf(D))
         self.heads = buf(self.K * self.V, D)  # (K*V, D)
         self.reload_weights()
         self.n_layers = len(self.layers)
@@ -933,8 +702,7 @@ class FastMusicgen:
                      kv_pos=torch.zeros(1, **lng), col=torch.zeros(1, **lng), noise_i=torch.zeros(1, **lng),
                      scale=torch.ones((), **f32), temp=torch.ones((), **f32), top_k=torch.ones(1, **lng),
                      top_p_thr=torch.zeros((), **f32),
-                     cnt=torch.zeros(rows * self.H, dtype=torch.int32, device=dev),
-                     bar=torch.zeros(1, dtype=torch.int32, device=dev))
+                     cnt=torch.zeros(rows * self.H, dtype=torch.int32, device=dev))
         self._slots[(rows, cond_len)] = slot
         return slot
 
@@ -1071,113 +839,20 @@ class FastMusicgen:
             f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1))
             h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2))
         logits = _gemv(h, self.heads, ln=self.ln_f, eps=eps)
-        self._sample_fused(s, logits, cfg, mode)
-
-    def _sample_fused(self, s: _Slot, logits: torch.Tensor, cfg: bool, mode: tuple):
-        """The fused steps' tail: CFG, temperature, top-k, softmax, the race and the delay mask in one kernel, then
-        the step counters (top-p and the on_logits hook take the torch path)."""
-        bb = s.seq.shape[0]
         use_temp, use_topk, use_topp = mode
         if use_topp or self.on_logits is not None:
             self._sample_write(s, logits, cfg, mode)
-            s.kv_pos.add_(1)
-            s.bar.zero_()
+        else:
+            _sample_kernel[(bb * self.K,)](
+                logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
+                self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
+                CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
+            _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, num_warps=1)
             return
-        _sample_kernel[(bb * self.K,)](
-            logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
-            self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
-            CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
-        _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, s.bar, num_warps=1)
-
-    def _persistent_config(self, rows: int) -> dict:
-        """Launch shape of the persistent step: one program per SM (1 in Triton's CPU interpreter), the tile height
-        BLOCK_N that spreads every GEMV's tiles most evenly over them (the cost of a phase is its busiest program's
-        bytes), K steps that keep a tile step at <= 16 K products, the split count that gives the self-attention
-        about one unit per program, and the L2 prefetch where the tiles split into 16-byte pieces."""
-        interpret = not self.cuda
-        G = 1 if interpret else torch.cuda.get_device_properties(self.device).multi_processor_count
-        D, ffn, nv, elt = self.D, self.ffn, self.K * self.V, self.emb.element_size()
-        phases = [(3 * D, D), (D, D), (ffn, D), (D, ffn)] + ([(D, D), (D, D)] if not self.melody else [])
-        phases.append((nv, D))
-
-        def cost(bn):
-            return sum(-(-(n // bn) // G) * bn * k for n, k in phases)
-
-        bns = [bn for bn in (16, 8, 4) if all(n % bn == 0 for n, _ in phases) and D % bn == 0] or [1]
-        cfg = dict(G=G, BLOCK_N=min(bns, key=lambda bn: (cost(bn), -bn)), num_warps=4, BLOCK_T=64, ctas_per_sm=1)
-        cfg.update(self.persistent_config)
-        cfg["G"] = G * cfg["ctas_per_sm"]  # clamped to what fits at once on first launch (_persistent_grid)
-        rows_bn = rows * cfg["BLOCK_N"]
-
-        def bk(k):
-            b = 1024
-            while b > 16 and (k % b or rows_bn * b > 16384):
-                b //= 2
-            return b
-
-        cfg.setdefault("BLOCK_K", bk(D))
-        cfg.setdefault("BLOCK_KF", bk(ffn))
-        units = rows * self.H
-        cfg.setdefault("NSPLIT", max(1, min(16, triton.next_power_of_2(-(-G // units)))))
-        tb = cfg["BLOCK_N"] * elt
-        cfg.setdefault("PREFETCH", self.cuda and (tb * D) % 512 == 0 and (tb * ffn) % 512 == 0
-                       and _prefetch_ok(self.device))
-        return cfg
-
-    def _decode_step_persistent(self, s: _Slot, cfg: bool, mode: tuple):
-        """One decode step as one launch of _persistent_step_kernel (embedding, every layer, heads), then the
-        sampling kernel."""
-        rows, D, H, hd = s.rows, self.D, self.H, self.hd
-        pc = self._persistent_config(rows)
-        dev, dt = self.device, self.dtype
-        nv = self.K * self.V
-        h = torch.empty(rows, D, device=dev, dtype=dt)
-        q = torch.empty(rows, D, device=dev, dtype=dt)
-        a = torch.empty(rows, D, device=dev, dtype=dt)
-        f = torch.empty(rows, self.ffn, device=dev, dtype=dt)
-        logits = torch.empty(rows, nv, device=dev, dtype=dt)
-        part = torch.empty(rows * H * pc["NSPLIT"] * (hd + 2), device=dev, dtype=torch.float32)
-        w = self.stacked
-        cross = not self.melody
-        ck, cv, cb = (s.ck, s.cv, s.cbias) if cross else (h, h, h)
-        args = (
-            s.cur, s.kv_pos, self.emb, self._pe, h, s.bar, w["ln1"], w["wqkv"], w["wo"], w.get("ln2", h),
-            w.get("wq_c", h), w.get("wo_c", h), w["ln3"], w["fc1"], w["fc2"], self.ln_f_buf, self.heads,
-            q, a, f, logits, part, s.cnt, s.k, s.v, ck, cv, cb,
-            self.n_layers, s.seq.shape[0], self.V + 1, s.max_len, s.cond_len, nv, self.eps, hd ** -0.5,
-            self.emb.element_size())
-        kw = dict(
-            D=D, FFN=self.ffn, NH=H, HD=hd, KCB=self.K, ROWS=rows, CROSS=cross, NSPLIT=pc["NSPLIT"],
-            BLOCK_N=pc["BLOCK_N"], BLOCK_K=pc["BLOCK_K"], BLOCK_KF=pc["BLOCK_KF"], BLOCK_T=pc["BLOCK_T"],
-            BLOCK_D=triton.next_power_of_2(D), PREFETCH=pc["PREFETCH"], num_warps=pc["num_warps"])
-        _persistent_step_kernel[self._persistent_grid(pc, args, kw)](*args, **kw)
-        self._sample_fused(s, logits, cfg, mode)
-
-    def _persistent_grid(self, pc: dict, args: tuple, kw: dict) -> tuple:
-        """The grid barrier needs every program resident at once: G is clamped to SMs x the blocks per SM that the
-        compiled kernel's registers and shared memory allow (read from the compiled kernel; a grid that can't
-        all be resident would spin forever)."""
-        if not self.cuda:
-            return (pc["G"],)
-        key = tuple(sorted((k, v) for k, v in pc.items() if k != "G"))
-        fits = self._resident.get(key)
-        if fits is None:
-            kern = _persistent_step_kernel.warmup(*args, grid=(1,), **kw)  # compiles, launches nothing
-            kern._init_handles()  # loads the binary: n_regs
-            props = torch.cuda.get_device_properties(self.device)
-            warps = pc["num_warps"]
-            regs_per_warp = -(-max(kern.n_regs, 1) * 32 // 256) * 256
-            by_regs = (props.regs_per_multiprocessor // regs_per_warp) // warps
-            smem = int(getattr(kern.metadata, "shared", 0) or 0)
-            by_smem = props.shared_memory_per_multiprocessor // smem if smem else 64
-            per_sm = max(1, min(by_regs, by_smem, props.max_threads_per_multi_processor // (32 * warps)))
-            fits = self._resident[key] = per_sm * props.multi_processor_count
-        return (min(pc["G"], fits),)
+        s.kv_pos.add_(1)
 
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
         if self.fused and self.fused_step and s.rows <= self.fused_max_rows:
-            if self.persistent:
-                return self._decode_step_persistent(s, cfg, mode)
             return self._decode_step_fused(s, cfg, mode)
         h = self._embed(s.cur[..., None], cfg) + self._pe.index_select(0, s.kv_pos)
         h = self._blocks(s, h, None, kv_len)

@@ -15,10 +15,22 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs: the stock Snake1d runs
     triton = None
 
 if triton is not None:
+    @triton.jit
+    def _round(v, dt: tl.constexpr):
+        """v (fp32) rounded to the nearest value of dtype dt (ties to even), kept in fp32. For bf16 by bit
+        arithmetic, so that no compiler simplification of a down-and-up cast can skip it."""
+        if dt == tl.bfloat16:
+            b = v.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            return b.to(tl.float32, bitcast=True)
+        else:
+            return v.to(dt).to(tl.float32)
+
     @triton.jit
     def _snake_kernel(X, Y, A, IB, C, T, ROUND: tl.constexpr, BLOCK: tl.constexpr):
         """Row (b, c) of a contiguous (B, C, T) tensor, BLOCK samples: y = x + ib[c] * sin(a[c] * x)^2, each op
@@ -34,17 +46,20 @@ if triton is not None:
         ib = tl.load(IB + row % C).to(tl.float32)
         ax = a * x
         if ROUND:
-            ax = ax.to(dt).to(tl.float32)
-        s = tl.sin(ax)
+            ax = _round(ax, dt)
+        s = libdevice.sin(ax)  # __nv_sinf, the sinf torch's kernel calls (tl.sin may be an approximation)
         if ROUND:
-            s = s.to(dt).to(tl.float32)
+            s = _round(s, dt)
         p = s * s
         if ROUND:
-            p = p.to(dt).to(tl.float32)
+            p = _round(p, dt)
         q = ib * p
         if ROUND:
-            q = q.to(dt).to(tl.float32)
-        tl.store(Y + base + t, (x + q).to(Y.dtype.element_ty), mask=m)
+            q = _round(q, dt)
+        y = x + q
+        if ROUND:
+            y = _round(y, dt)
+        tl.store(Y + base + t, y.to(Y.dtype.element_ty), mask=m)
 
 
 def _snake_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

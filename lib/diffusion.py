@@ -566,7 +566,7 @@ class DanceDiffusionEngine(DiffusionEngine):
 class _RotaryOnDevice:
     """Forward pre-hook on diffusers' StableAudioDiTModel. StableAudioPipeline builds the rotary embedding on the
     CPU and passes it every step; each attention layer then copies it to the GPU from pageable memory, a copy that
-    waits for the GPU to drain, 48 times a step, so host and GPU never overlap, and the CPU tensors keep
+    waits for the GPU to drain, several times per layer, so host and GPU never overlap, and the CPU tensors keep
     DenoiserGraphs from capturing the step. The hook hands the DiT a device copy instead, made once per request
     (the pipeline passes the same tensors every step): the same values, and the step becomes one graph replay."""
 

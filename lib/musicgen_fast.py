@@ -157,13 +157,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _self_attn_partial_kernel(Q, K, V, Part, Pos, sq_r, sq_h, sk_r, sk_h, sk_t, scale, HD: tl.constexpr,
-                                  BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
-        """Flash-decoding, pass 1: program (row, head, split) attends to its share of the cache [0, pos) and
-        writes (acc, max, sum) to Part[row, head, split]."""
-        r = tl.program_id(0)
-        h = tl.program_id(1)
-        sp = tl.program_id(2)
+    def _split_partial(Q, K, V, Part, Pos, r, h, sp, nh, sq_r, sq_h, sk_r, sk_h, sk_t, scale, HD: tl.constexpr,
+                       BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+        """Flash-decoding, first half, for (row r, head h, split sp) of nh heads: attend to this split's share of
+        the cache [0, pos) and write (acc, max, sum) to Part[r, h, sp]. Returns the scaled query, the (row, head)
+        key and value bases, pos and the (row, head) index, for the merge."""
         d = tl.arange(0, HD)
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
         kb = K + r * sk_r + h * sk_h
@@ -173,10 +171,37 @@ if triton is not None:
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n)
         acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
-        base = Part + ((r * tl.num_programs(1) + h) * NSPLIT + sp) * (HD + 2)
+        rh = r * nh + h
+        base = Part + (rh * NSPLIT + sp) * (HD + 2)
         tl.store(base + d, acc)
         tl.store(base + HD, m_i)
         tl.store(base + HD + 1, l_i)
+        return q, kb, vb, n, rh
+
+    @triton.jit
+    def _merge_splits(Part, rh, q, kn, vn, HD: tl.constexpr, NSPLIT: tl.constexpr, VOLATILE: tl.constexpr):
+        """Flash-decoding, second half: the NSPLIT partial results of (row, head) rh merged with the new key /
+        value (kn, vn, not yet in the cache): the attention output in fp32. VOLATILE: the partials were written
+        by other programs of this launch."""
+        d = tl.arange(0, HD)
+        j = tl.arange(0, NSPLIT)
+        pb = Part + rh * NSPLIT * (HD + 2)
+        m = tl.load(pb + j * (HD + 2) + HD, volatile=VOLATILE)
+        l = tl.load(pb + j * (HD + 2) + HD + 1, volatile=VOLATILE)
+        a = tl.load(pb + j[:, None] * (HD + 2) + d[None, :], volatile=VOLATILE)
+        s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
+        mx = tl.maximum(tl.max(m, axis=0), s1)
+        w = tl.exp(m - mx)
+        p1 = tl.exp(s1 - mx)
+        den = tl.sum(l * w, axis=0) + p1
+        return (tl.sum(a * w[:, None], axis=0) + p1 * vn.to(tl.float32)) / den
+
+    @triton.jit
+    def _self_attn_partial_kernel(Q, K, V, Part, Pos, sq_r, sq_h, sk_r, sk_h, sk_t, scale, HD: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+        """Flash-decoding, pass 1: program (row, head, split) runs _split_partial."""
+        _split_partial(Q, K, V, Part, Pos, tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
+                       sq_r, sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
 
     @triton.jit
     def _self_attn_combine_kernel(Part, Q, KN, VN, K, V, O, Pos, sq_r, sq_h, skn_r, skn_h, sk_r, sk_h, sk_t,
@@ -186,21 +211,11 @@ if triton is not None:
         r = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, HD)
-        j = tl.arange(0, NSPLIT)
-        base = Part + (r * tl.num_programs(1) + h) * NSPLIT * (HD + 2)
-        m = tl.load(base + j * (HD + 2) + HD)
-        l = tl.load(base + j * (HD + 2) + HD + 1)
-        acc = tl.load(base + j[:, None] * (HD + 2) + d[None, :])
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
         kn = tl.load(KN + r * skn_r + h * skn_h + d)
         vn = tl.load(VN + r * skn_r + h * skn_h + d)
-        s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
-        mx = tl.maximum(tl.max(m, axis=0), s1)
-        w = tl.exp(m - mx)
-        p1 = tl.exp(s1 - mx)
-        den = tl.sum(l * w, axis=0) + p1
-        out = tl.sum(acc * w[:, None], axis=0) + p1 * vn.to(tl.float32)
-        tl.store(O + r * so_r + h * so_h + d, (out / den).to(O.dtype.element_ty))
+        out = _merge_splits(Part, r * tl.num_programs(1) + h, q, kn, vn, HD, NSPLIT, VOLATILE=False)
+        tl.store(O + r * so_r + h * so_h + d, out.to(O.dtype.element_ty))
         pos = tl.load(Pos)
         tl.store(K + r * sk_r + h * sk_h + pos * sk_t + d, kn)
         tl.store(V + r * sk_r + h * sk_h + pos * sk_t + d, vn)
@@ -315,43 +330,20 @@ if triton is not None:
     @triton.jit
     def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
                                 so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
-        """Flash-decoding in one launch: program (row, head, split) attends to its share of the cache [0, pos)
-        and writes (acc, max, sum); the last split of a (row, head) to finish (atomic counter) merges them with
-        the new key/value, writes the output, writes the new key/value at `pos` and resets the counter."""
+        """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
+        (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
+        the new key/value at `pos` and resets the counter."""
         r = tl.program_id(0)
         h = tl.program_id(1)
-        sp = tl.program_id(2)
-        nh = tl.num_programs(1)
-        d = tl.arange(0, HD)
-        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
-        kb = K + r * sk_r + h * sk_h
-        vb = V + r * sk_r + h * sk_h
-        n = tl.load(Pos)
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
-        lo = sp * chunk
-        hi = tl.minimum(lo + chunk, n)
-        acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
-        rh = r * nh + h
-        base = Part + (rh * NSPLIT + sp) * (HD + 2)
-        tl.store(base + d, acc)
-        tl.store(base + HD, m_i)
-        tl.store(base + HD + 1, l_i)
+        q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
+                                          sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
         done = tl.atomic_add(Cnt + rh, 1, sem="acq_rel")
         if done == NSPLIT - 1:
-            j = tl.arange(0, NSPLIT)
-            pb = Part + rh * NSPLIT * (HD + 2)
-            m = tl.load(pb + j * (HD + 2) + HD, volatile=True)
-            l = tl.load(pb + j * (HD + 2) + HD + 1, volatile=True)
-            a = tl.load(pb + j[:, None] * (HD + 2) + d[None, :], volatile=True)
+            d = tl.arange(0, HD)
             kn = tl.load(KN + r * skn_r + h * skn_h + d)
             vn = tl.load(VN + r * skn_r + h * skn_h + d)
-            s1 = tl.sum(kn.to(tl.float32) * q, axis=0)
-            mx = tl.maximum(tl.max(m, axis=0), s1)
-            w = tl.exp(m - mx)
-            p1 = tl.exp(s1 - mx)
-            den = tl.sum(l * w, axis=0) + p1
-            out = tl.sum(a * w[:, None], axis=0) + p1 * vn.to(tl.float32)
-            tl.store(O + r * so_r + h * so_h + d, (out / den).to(O.dtype.element_ty))
+            out = _merge_splits(Part, rh, q, kn, vn, HD, NSPLIT, VOLATILE=True)
+            tl.store(O + r * so_r + h * so_h + d, out.to(O.dtype.element_ty))
             tl.store(kb + n * sk_t + d, kn)
             tl.store(vb + n * sk_t + d, vn)
             tl.atomic_xchg(Cnt + rh, 0)

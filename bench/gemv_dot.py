@@ -17,7 +17,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib.musicgen_fast as mf  # noqa: E402
-from gemv_sweep import SHAPES, time_chain  # noqa: E402
+from gemv_sweep import SHAPES, operands, time_chain  # noqa: E402
 
 
 @triton.jit
@@ -58,9 +58,8 @@ res = {}
 torch.manual_seed(0)
 for name, (N, K) in SHAPES.items():
     nbytes = N * K * 2
-    n_w = max(8, int(160e6 // nbytes))
-    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * K ** -0.5 for _ in range(n_w)]
-    x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
+    ws, x = operands(N, K, rows)
+    n_w = len(ws)
     out = torch.empty(rows, N, device="cuda", dtype=torch.float16)
     out32 = torch.empty(rows, N, device="cuda", dtype=torch.float32)
     ref = F.linear(x.float(), ws[0].float())

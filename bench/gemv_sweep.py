@@ -19,6 +19,14 @@ for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
         SHAPES[f"{name}.{what}"] = (N, K)
 
 
+def operands(N, K, rows, device="cuda"):
+    """Enough copies of an (N, K) fp16 weight that a chain of GEMVs over them streams >= 160 MB from HBM (no L2
+    reuse), and one (rows, K) input. Returns (weights, x)."""
+    n_w = max(8, int(160e6 // (N * K * 2)))
+    ws = [torch.randn(N, K, device=device, dtype=torch.float16) * K ** -0.5 for _ in range(n_w)]
+    return ws, torch.randn(rows, K, device=device, dtype=torch.float16)
+
+
 def time_chain(fn, n_w, reps=20):
     """us per GEMV: fn(0..n_w-1) (one weight copy each) captured as one graph, median of `reps` replays."""
     g = torch.cuda.CUDAGraph()
@@ -46,9 +54,8 @@ def main():
     torch.manual_seed(0)
     for name, (N, K) in SHAPES.items():
         nbytes = N * K * 2
-        n_w = max(8, int(160e6 // nbytes))
-        ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * K ** -0.5 for _ in range(n_w)]
-        x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
+        ws, x = operands(N, K, rows)
+        n_w = len(ws)
         out = torch.empty(rows, N, device="cuda", dtype=torch.float16)
         ref = F.linear(x, ws[0]).float()
         r = {"cublas_us": time_chain(lambda i: torch.matmul(x, ws[i].t(), out=out), n_w)}

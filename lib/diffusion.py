@@ -235,9 +235,17 @@ class DiffusionEngine:
         vae = getattr(self.pipe, "vae", None)
         if self.fused_snake and vae is not None and snake.available(self.device):
             stack.enter_context(snake.fused_snake(vae))
+        if self.device.type == "cuda":
+            for module, hook in self._cuda_pre_hooks():
+                stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
         if self.device.type == "cuda" and self.cuda_graphs and self.denoiser:
             return stack.enter_context(DenoiserGraphs(getattr(self.pipe, self.denoiser), log=log).installed())
         return None
+
+    def _cuda_pre_hooks(self) -> list:
+        """(module, forward pre-hook taking kwargs) pairs installed for a request on CUDA: fixes to how a diffusers
+        pipeline feeds its modules there (same values, faster)."""
+        return []
 
     def _generate(self, req, task: str, generator: torch.Generator, log: Log) -> np.ndarray:
         raise NotImplementedError
@@ -287,13 +295,8 @@ class AceStepEngine(DiffusionEngine):
     def duration_tasks(self) -> tuple:
         return ("text2music",)
 
-    def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
-        graphs = super()._speedups(stack, log)
-        if self.device.type == "cuda" and self.contiguous_tokens:
-            handle = self.pipe.transformer.layers[0].register_forward_pre_hook(_row_major_hidden_states,
-                                                                              with_kwargs=True)
-            stack.callback(handle.remove)
-        return graphs
+    def _cuda_pre_hooks(self) -> list:
+        return [(self.pipe.transformer.layers[0], _row_major_hidden_states)] if self.contiguous_tokens else []
 
     def check(self, req, task):
         super().check(req, task)
@@ -600,13 +603,8 @@ class StableAudioEngine(DiffusionEngine):
         self.duration_note = " (its DiT's window)"
         self.scheduler_config = dict(self.pipe.scheduler.config)
 
-    def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
-        graphs = super()._speedups(stack, log)
-        if self.device.type == "cuda":
-            hook = _RotaryOnDevice(self.device)
-            handle = self.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-            stack.callback(handle.remove)
-        return graphs
+    def _cuda_pre_hooks(self) -> list:
+        return [(self.pipe.transformer, _RotaryOnDevice(self.device))]
 
     def check(self, req, task):
         super().check(req, task)

@@ -427,8 +427,8 @@ CASES = {
                        "s), 64 latent ch",
                    scheduler="flow matching Euler, shift 3, turbo: no CFG"),
         ablations=[("ours_no_graphs", GRAPHS_OFF), ("ours_stock_snake", {"fused_snake": False}),
-                   ("ours_strided_tokens", {"contiguous_tokens": False}),
-                   ("ours_graphs_only", {"fused_snake": False, "contiguous_tokens": False})]),
+                   ("ours_stock_blocks", {"fused_dit": False}),
+                   ("ours_graphs_only", {"fused_snake": False, "contiguous_tokens": False, "fused_dit": False})]),
 }
 
 

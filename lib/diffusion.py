@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lib import audio as audio_io
-from lib import snake
+from lib import ace_step_dit, snake
 from lib.catalog import ModelSpec
 from lib.errors import UserError
 from lib.cuda_graphs import DenoiserGraphs
@@ -238,6 +238,8 @@ class DiffusionEngine:
         if self.device.type == "cuda":
             for module, hook in self._cuda_pre_hooks():
                 stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+            for rewrite in self._cuda_rewrites():
+                stack.enter_context(rewrite)
         if self.device.type == "cuda" and self.cuda_graphs and self.denoiser:
             return stack.enter_context(DenoiserGraphs(getattr(self.pipe, self.denoiser), log=log).installed())
         return None
@@ -245,6 +247,10 @@ class DiffusionEngine:
     def _cuda_pre_hooks(self) -> list:
         """(module, forward pre-hook taking kwargs) pairs installed for a request on CUDA: fixes to how a diffusers
         pipeline feeds its modules there (same values, faster)."""
+        return []
+
+    def _cuda_rewrites(self) -> list:
+        """Context managers entered for a request on CUDA, before the graphs: forwards replaced by fused ones."""
         return []
 
     def _generate(self, req, task: str, generator: torch.Generator, log: Log) -> np.ndarray:
@@ -282,6 +288,7 @@ class AceStepEngine(DiffusionEngine):
     sample_rate = 48000
     channels = 2
     contiguous_tokens: bool = True  # on CUDA, the DiT's token stream in row-major layout (_row_major_hidden_states)
+    fused_dit: bool = True  # on CUDA, the DiT blocks' elementwise work fused, projections packed (lib.ace_step_dit)
 
     def __init__(self, spec, folder, device, dtype):
         super().__init__(spec, folder, device, dtype)
@@ -291,12 +298,18 @@ class AceStepEngine(DiffusionEngine):
         self.turbo = bool(self.pipe.is_turbo)
         self.default_steps = 8 if self.turbo else 32
         self.default_guidance = None if self.turbo else 7.0
+        if self.device.type == "cuda":  # once, at load: the first request need not repack ~4 GB of weights
+            ace_step_dit.pack_weights(self.pipe.transformer)
 
     def duration_tasks(self) -> tuple:
         return ("text2music",)
 
     def _cuda_pre_hooks(self) -> list:
         return [(self.pipe.transformer.layers[0], _row_major_hidden_states)] if self.contiguous_tokens else []
+
+    def _cuda_rewrites(self) -> list:
+        return [ace_step_dit.fused_blocks(self.pipe.transformer)] if self.fused_dit and ace_step_dit.available(self.device) \
+            else []
 
     def check(self, req, task):
         super().check(req, task)

@@ -447,3 +447,41 @@ def test_stable_audio_rotary_embedding_is_copied_once_per_pair():
     _, new = hook(None, (), {"rotary_embedding": other})
     assert torch.equal(new["rotary_embedding"][0], other[0]) and len(hook.copies) == 1
     assert hook(None, (), {"rotary_embedding": None}) is None  # nothing to move: the call goes on unchanged
+
+
+@pytest.mark.parametrize("turbo", [True, False], ids=["turbo", "base-cfg"])
+def test_ace_step_fused_dit_blocks_give_the_stock_latents(turbo, monkeypatch):
+    """lib.ace_step_dit's block forward (packed projections, fused norms / rotary / residuals; here with the torch
+    expressions its kernels replace) gives the stock latents, with and without CFG (batch 2); packing makes the
+    weights views of one buffer without changing what the stock forward computes; the stock forward is back after."""
+    import torch
+
+    from lib import ace_step_dit
+    from lib.tiny_diffusion import build_ace_step
+
+    pipe = build_ace_step(turbo=turbo, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    dit = pipe.transformer
+
+    def latents():
+        return pipe(prompt="pads", lyrics="[verse]\nla la", audio_duration=2.0, num_inference_steps=2,
+                    output_type="latent", return_dict=False, generator=torch.Generator().manual_seed(0))[0]
+
+    with torch.inference_mode():
+        stock = latents()
+        assert ace_step_dit.pack_weights(dit) == 3 * len(dit.layers) and ace_step_dit.pack_weights(dit) == 0
+        attn = dit.layers[0].self_attn
+        qkv = ace_step_dit.packed_weight((attn.to_q, attn.to_k, attn.to_v))
+        assert qkv.data_ptr() == attn.to_q.weight.data_ptr() and torch.equal(qkv[-attn.to_v.out_features:],
+                                                                             attn.to_v.weight)
+        assert torch.equal(latents(), stock)  # packed: the same values in the same Linears
+        calls = []
+        fused_op = ace_step_dit.head_rms_rope
+        monkeypatch.setattr(ace_step_dit, "head_rms_rope", lambda *a: calls.append(1) or fused_op(*a))
+        with ace_step_dit.fused_blocks(dit) as n:
+            fused = latents()
+    # the fused forward ran: 4 per-head norms (q, k; cross q, k) per block per call, 2 steps (x2 with CFG)
+    assert n == len(dit.layers) and len(calls) == 4 * n * 2
+    assert all("forward" not in b.__dict__ for b in dit.layers)
+    assert fused.shape == stock.shape and not torch.equal(fused, torch.zeros_like(fused))
+    assert torch.allclose(fused, stock, rtol=0, atol=1e-5 * float(stock.abs().max()))

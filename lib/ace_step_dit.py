@@ -32,7 +32,9 @@ if triton is not None:
 
     from lib.snake import _round
 
-    @triton.jit
+    # Length-like arguments are not specialized (Triton would compile a variant per divisibility by 16): one
+    # compilation, made by the engine's warm-up in setup, serves every duration.
+    @triton.jit(do_not_specialize=["L", "mod_stride"])
     def _add_rms_mod_kernel(H, DELTA, GATE, W, SCALE, SHIFT, H_OUT, Y, L, D, mod_stride, eps,
                             HAS_DELTA: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr, MOD: tl.constexpr,
                             ROUND: tl.constexpr, BLOCK: tl.constexpr):
@@ -76,7 +78,7 @@ if triton is not None:
                     y = _round(y, dt)
             tl.store(Y + base + d, y.to(dt), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["L", "stride_b"])
     def _head_rms_rope_kernel(X, W, COS, SIN, OUT, L, NH, stride_b, stride_l, eps,
                               ROPE: tl.constexpr, ROUND: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr):
         """Token l of batch b, heads [BH * pid1, +BH) of X (B, L, NH, 2 * HALF; last dim contiguous, heads

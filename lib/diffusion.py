@@ -229,6 +229,16 @@ class DiffusionEngine:
         log(f"{self.spec.name}: {task} in {time.perf_counter() - t0:.2f}s")
         return audio
 
+    def warm_up(self) -> None:
+        """One short request (1 s, 2 steps), run by the service in setup on CUDA: the first real request then pays
+        no Triton compilation (the fused kernels take every length: their length arguments are not specialized) and
+        no cuBLAS / cuDNN initialisation."""
+        from lib.request import Request
+
+        req = Request(model_version=self.spec.name, prompt="warm up", duration=max(self.min_duration_s, 1.0),
+                      num_inference_steps=2)
+        self.run(req, self.duration_tasks()[0], 0, lambda message: None)
+
     def _speedups(self, stack: contextlib.ExitStack, log: Log) -> Optional[DenoiserGraphs]:
         """Enter, for this request, what makes the denoising loop faster on CUDA (nothing on other devices); the
         stack undoes it all when the request ends, normally or not (graphs freed, overrides removed)."""

@@ -128,11 +128,26 @@ class Service:
                                  f"{type(e).__name__}: {e}") from e
             log(f"loaded {name} from {self.weights_dir / spec.folder} on {self.device} in "
                 f"{time.perf_counter() - t:.1f}s")
+            self._warm_up(name)
         self.mbd = self._load_mbd()
         from lib.image2music import PromptStage  # image2music / enhance_prompt: captioner and prompt writer
 
         self.prompts = PromptStage.load(self.weights_dir, models, self.device, dtype, log)
         self._finetune = None  # the last replicate_weights converted: (ref, model name, FineTune)
+
+    def _warm_up(self, name: str) -> None:
+        """On CUDA, an engine's short warm-up request (diffusion engines; MusicGen warms itself while loading). A
+        failure is logged, not fatal: the engine stays loaded and a real request reports its own error."""
+        warm_up = getattr(self.engines[name], "warm_up", None)
+        if self.device.type != "cuda" or warm_up is None:
+            return
+        t = time.perf_counter()
+        try:
+            warm_up()
+            log(f"warmed up {name} in {time.perf_counter() - t:.1f}s")
+        except Exception as e:  # noqa: BLE001
+            log(f"warm-up of {name} failed ({type(e).__name__}: {e}); it stays loaded")
+            torch.cuda.empty_cache()
 
     def _load_mbd(self):
         """Multi-Band Diffusion, once for every MusicGen model, when its weights are in weights/."""

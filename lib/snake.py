@@ -31,7 +31,7 @@ if triton is not None:
         else:
             return v.to(dt).to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one compilation for every length
     def _snake_kernel(X, Y, A, IB, C, T, ROUND: tl.constexpr, BLOCK: tl.constexpr):
         """Row (b, c) of a contiguous (B, C, T) tensor, BLOCK samples: y = x + ib[c] * sin(a[c] * x)^2, each op
         rounded to X's dtype when ROUND (the stock kernels' rounding), else in fp32."""

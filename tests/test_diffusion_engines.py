@@ -485,3 +485,23 @@ def test_ace_step_fused_dit_blocks_give_the_stock_latents(turbo, monkeypatch):
     assert all("forward" not in b.__dict__ for b in dit.layers)
     assert fused.shape == stock.shape and not torch.equal(fused, torch.zeros_like(fused))
     assert torch.allclose(fused, stock, rtol=0, atol=1e-5 * float(stock.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["ace-step-1.5-turbo", "audioldm2-music", "audioldm", "dance-diffusion-maestro",
+                                  "stable-audio-open"])
+def test_every_diffusion_engine_warms_up_with_a_short_request(tiny_weights, name):
+    """The service runs each diffusion engine's warm_up() in setup on CUDA (so that the first real request pays no
+    kernel compilation): a 1 s, 2-step request of the engine's own task that must go through for every engine."""
+    import torch
+
+    from lib import catalog
+    from lib.service import engine_class
+
+    spec = catalog.MODELS[name]
+    engine = engine_class(spec.engine)(spec, tiny_weights / spec.folder, torch.device("cpu"), torch.float32)
+    seen = []
+    run = engine.run
+    engine.run = lambda req, task, seed, log: seen.append((task, req.duration, req.num_inference_steps)) or \
+        run(req, task, seed, log)
+    assert engine.warm_up() is None
+    assert seen == [(engine.duration_tasks()[0], 1.0, 2)]

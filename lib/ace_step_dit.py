@@ -148,15 +148,20 @@ def _fused(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def _rms_norm_reference(x, weight, eps):
+    """diffusers' RMSNorm.forward (with a weight) on CUDA and CPU."""
+    y = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(weight.dtype)
+    return y * weight
+
+
 def add_rms_modulate_reference(h, delta, gate, weight, eps, scale, shift):
     if delta is not None:
         h = (h + delta * gate).type_as(h) if gate is not None else h + delta
     if weight is None:
         return h, None
-    y = h * torch.rsqrt(h.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        y = y.to(weight.dtype)
-    y = y * weight
+    y = _rms_norm_reference(h, weight, eps)
     if scale is not None:
         y = (y * (1 + scale) + shift).type_as(h)
     return h, y
@@ -188,10 +193,7 @@ def add_rms_modulate(h: torch.Tensor, delta: Optional[torch.Tensor], gate: Optio
 
 def head_rms_rope_reference(x, weight, eps, cos=None, sin=None):
     dtype = x.dtype
-    y = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        y = y.to(weight.dtype)
-    y = y * weight
+    y = _rms_norm_reference(x, weight, eps)
     if cos is not None:  # diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
         y1, y2 = y.unflatten(-1, (2, -1)).unbind(-2)
         rotated = torch.cat([-y2, y1], dim=-1)

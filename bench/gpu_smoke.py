@@ -87,7 +87,7 @@ def ace_dit_check() -> dict:
     2560 wide, 32 / 8 heads of 128, MLP 9728; random data): per kernel and dtype the share of outputs that differ and
     the largest difference (bf16: the norms' mean square is summed in another order, the rest should be identical);
     then one random-init XL block, fused against stock, in bf16 and fp32."""
-    from diffusers.models.transformers.ace_step_transformer import AceStepTransformerBlock
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformerBlock, _create_4d_mask
 
     from lib import ace_step_dit as A
 
@@ -123,22 +123,23 @@ def ace_dit_check() -> dict:
 
             torch.manual_seed(0)
             block = AceStepTransformerBlock(D, H, KV, Dh, I, sliding_window=128).to("cuda", dtype).eval()
-            from diffusers.models.transformers.ace_step_transformer import _create_4d_mask
+            holder = torch.nn.Module()
+            holder.layers = torch.nn.ModuleList([block])
             mask = _create_4d_mask(seq_len=L, dtype=dtype, device="cuda", sliding_window=128, is_sliding_window=True)
-            temb, ctx = rnd(1, 6, D, s=0.3), rnd(1, 316, D)
-            kw = dict(hidden_states=h, position_embeddings=(cos, sin), temb=temb, attention_mask=mask,
-                      encoder_hidden_states=ctx)
-            with torch.inference_mode():
-                ref = block(**kw)
-                holder = torch.nn.Module()
-                holder.layers = torch.nn.ModuleList([block])
-                with A.fused_blocks(holder):
-                    got = block(**kw)
-            err = (got.float() - ref.float())
-            r["block"] = dict(max_abs=float(err.abs().max()), ref_max_abs=float(ref.abs().max()),
-                              snr_db=round(float(10 * torch.log10(ref.float().pow(2).mean() / err.pow(2).mean().clamp_min(1e-30))), 1))
+            for label, batch in (("block", 1), ("block_cfg_batch2", 2)):  # 2: the base model's CFG pair
+                kw = dict(hidden_states=rnd(batch, L, D, s=4.0), position_embeddings=(cos, sin),
+                          temb=rnd(batch, 6, D, s=0.3), attention_mask=mask, encoder_hidden_states=rnd(batch, 316, D))
+                with torch.inference_mode():
+                    ref = block(**kw)
+                    with A.fused_blocks(holder):
+                        got = block(**kw)
+                err = got.float() - ref.float()
+                r[label] = dict(max_abs=float(err.abs().max()), ref_max_abs=float(ref.abs().max()),
+                                snr_db=round(float(10 * torch.log10(ref.float().pow(2).mean() /
+                                                                    err.pow(2).mean().clamp_min(1e-30))), 1))
         # ok: the fused XL block within bf16 rounding of the stock one, and within fp32 summation order in fp32
-        res["ok"] = res["bfloat16"]["block"]["snr_db"] >= 40 and res["float32"]["block"]["snr_db"] >= 100
+        res["ok"] = all(res["bfloat16"][b]["snr_db"] >= 40 and res["float32"][b]["snr_db"] >= 100
+                        for b in ("block", "block_cfg_batch2"))
         return res
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}

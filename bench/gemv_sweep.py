@@ -1,6 +1,7 @@
 """GEMV configs for the decode step's matrices (GPU only): our Triton `_gemv` at 2 rows (CFG) against
 cuBLAS (F.linear), weights rotated over enough copies to miss L2 (HBM, as in a real step).
-    python3 bench/gemv_sweep.py [rows]        # prints per shape: cuBLAS, best config, its TB/s"""
+    python3 bench/gemv_sweep.py [rows] [BNxBKxWARPS,...] [shape,...]   # prints per shape: cuBLAS, best config, TB/s
+K need not be a multiple of BK (the kernel masks the last step)."""
 import json
 import os
 import sys
@@ -17,6 +18,10 @@ SHAPES = {}
 for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
     for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D)).items():
         SHAPES[f"{name}.{what}"] = (N, K)
+
+
+def triton_pow2(n):
+    return 1 << (n - 1).bit_length()
 
 
 def operands(N, K, rows, device="cuda"):
@@ -50,9 +55,12 @@ def main():
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     configs = [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
                if bn * bk * rows <= 8192 * nw and bn * bk >= 1024]
+    if len(sys.argv) > 2 and sys.argv[2]:
+        configs = [tuple(int(v) for v in c.split("x")) for c in sys.argv[2].split(",")]
+    shapes = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SHAPES)
     res = {}
     torch.manual_seed(0)
-    for name, (N, K) in SHAPES.items():
+    for name, (N, K) in ((n, SHAPES[n]) for n in shapes):
         nbytes = N * K * 2
         ws, x = operands(N, K, rows)
         n_w = len(ws)
@@ -60,8 +68,8 @@ def main():
         ref = F.linear(x, ws[0]).float()
         r = {"cublas_us": time_chain(lambda i: torch.matmul(x, ws[i].t(), out=out), n_w)}
         best = None
-        for cfg in configs:
-            if N % cfg[0] or K % cfg[1]:
+        for cfg in dict.fromkeys([*configs, tuple(mf._gemv_config(rows, N, K, 2))]):  # + what lib picks now
+            if N % cfg[0] or cfg[1] > triton_pow2(K):
                 continue
             y = mf._gemv(x, ws[0], config=cfg)
             err = float((y.float() - ref).norm() / ref.norm())

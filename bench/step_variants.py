@@ -1,8 +1,10 @@
-"""Decode-step variants of our fused path on one GPU (30 s clip, batch 1, CFG 3, top_k 250, fp16):
-L2-prefetch size, and the cuBLAS step for reference. Every fused variant must give the same tokens as the
-first (same seed). (Programmatic dependent launch was tried the same way and measured slower:
-results/musicgen-h100-step-variants-pdl.txt, patch in results/musicgen-h100-pdl-experiment.diff.)
-    python3 bench/step_variants.py small,medium,large [variant,...]"""
+"""Decode-step variants of our fused path on one GPU (30 s clip unless given, batch 1, CFG 3, top_k 250, fp16):
+the GEMV configs (lib's table against the 1024-wide-K heuristic used until session 4), L2-prefetch size, and the
+cuBLAS step for reference. Fused variants with the same GEMV configs must give the same tokens as the first (same
+seed); other configs sum in another order (`agreement`: the share of equal tokens). (Programmatic dependent launch
+was tried the same way and measured slower: results/musicgen-h100-step-variants-pdl.txt, patch in
+results/musicgen-h100-pdl-experiment.diff.)
+    python3 bench/step_variants.py small,medium,large [variant,...] [seconds]"""
 import json
 import sys
 import time
@@ -14,37 +16,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from musicgen import build, request  # noqa: E402
 from lib.musicgen_codes import decoding_steps  # noqa: E402
+import lib.musicgen_fast as musicgen_fast  # noqa: E402
 from lib.musicgen_fast import FastMusicgen  # noqa: E402
 
+
+def gemv_config_before(M, N, K, elt):
+    """lib.musicgen_fast's GEMV heuristic until session 4: 1024-wide K steps that divide K, 2-4 rows per program."""
+    bm = musicgen_fast.triton.next_power_of_2(M)
+    bk = 1024 * 2 // elt
+    while bk > 64 and (K % bk or bm * bk > 2048):
+        bk //= 2
+    bn = 2 if N <= 2048 else max(2, 4096 // bk)
+    while bn > 1 and bm * bn * bk > 16384:
+        bn //= 2
+    return bn, bk, 4
+
+
+GEMV_CONFIG = musicgen_fast._gemv_config
+
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "medium", "large"]
-variants = [("fused-pf0", dict(prefetch_bytes=0)), ("cublas-step", dict(fused_step=False)),
+variants = [("fused-pf0", dict(prefetch_bytes=0)), ("fused-gemv-before", dict(prefetch_bytes=0, gemv_before=True)),
+            ("cublas-step", dict(fused_step=False)),
             ("fused-pf8M", dict(prefetch_bytes=8 << 20)), ("fused-pf24M", dict(prefetch_bytes=24 << 20))]
 if len(sys.argv) > 2:
     variants = [v for v in variants if v[0] in sys.argv[2].split(",")]
+secs = int(sys.argv[3]) if len(sys.argv) > 3 else 30
 res = {}
 for size in sizes:
     model = build(size)
-    steps = decoding_steps(4, 1500)
+    steps = decoding_steps(4, secs * 50)
     ref = None
     for name, kw in variants:
+        kw = dict(kw)  # gemv_before: the module's GEMV config function swapped while this variant is built and run
+        musicgen_fast._gemv_config = gemv_config_before if kw.pop("gemv_before", False) else GEMV_CONFIG
         fast = FastMusicgen(model, "cuda", torch.float16, **kw)
-        fast.generate_codes(request(1, 30), torch.Generator(device="cuda").manual_seed(0))
+        fast.generate_codes(request(1, secs), torch.Generator(device="cuda").manual_seed(0))
         dts = []
         for _ in range(2):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            codes = fast.generate_codes(request(1, 30), torch.Generator(device="cuda").manual_seed(1))
+            codes = fast.generate_codes(request(1, secs), torch.Generator(device="cuda").manual_seed(1))
             torch.cuda.synchronize()
             dts.append(time.perf_counter() - t)
         dt = min(dts)
-        same = None
+        agreement = None
         if name.startswith("fused"):
             ref = codes if ref is None else ref
-            same = bool(torch.equal(ref, codes))
-        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3), same_tokens=same)
+            agreement = round(float((ref == codes).float().mean()), 4)
+        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3),
+                                     agreement=agreement)
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()
     del model
     torch.cuda.empty_cache()
+musicgen_fast._gemv_config = GEMV_CONFIG
 print("VARIANTS " + json.dumps(res))

@@ -407,15 +407,27 @@ if triton is not None:
         tl.store(C, tl.load(C) + 1)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) per (rows bucket, N, K); filled from bench sweeps, else the heuristic below
-GEMV_CONFIGS: dict = {}
+# (BLOCK_N, BLOCK_K, num_warps) for 16-bit weights at 1-2 rows (one request, with or without CFG), per (N, K) of the
+# decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large): the fastest of
+# bench/gemv_sweep.py on an H100 (results/gemv-sweep-h100-rows2-bigk.json). Whole-K steps where K fits: each program
+# then has all its bytes in flight at once, which is what a latency-bound GEMV needs.
+GEMV_CONFIGS: dict = {
+    (3072, 1024): (2, 1024, 4), (1024, 1024): (4, 1024, 4), (4096, 1024): (4, 1024, 4), (1024, 4096): (4, 4096, 4),
+    (8192, 1024): (4, 1024, 4),
+    (4608, 1536): (4, 2048, 4), (1536, 1536): (4, 2048, 4), (6144, 1536): (4, 2048, 4), (1536, 6144): (2, 2048, 4),
+    (8192, 1536): (4, 2048, 4),
+    (6144, 2048): (2, 2048, 4), (2048, 2048): (2, 2048, 4), (8192, 2048): (4, 2048, 4), (2048, 8192): (2, 4096, 8),
+}
 
 
 def _gemv_config(M, N, K, elt):
-    cfg = GEMV_CONFIGS.get((M, N, K))
-    if cfg is not None:
-        return cfg
-    # from bench/gemv_sweep.py on an H100 (2 rows): 1024-wide K steps, 2 rows of W per program up to N = 2048,
+    if elt == 2 and M <= 2:
+        cfg = GEMV_CONFIGS.get((N, K))
+        if cfg is not None:
+            return cfg
+        # other shapes: the same pattern (K in one or two steps of up to 2048, 4 rows of W per program when wide)
+        return (4 if N >= 4096 else 2), min(triton.next_power_of_2(K), 2048), 4
+    # wider rows, fp32: 1024-wide K steps (bench/gemv_sweep.py, session 1), 2 rows of W per program up to N = 2048,
     # else 4096 elements of W per step; 4 warps
     bm = triton.next_power_of_2(M)
     bk = 1024 * 2 // elt

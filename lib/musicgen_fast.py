@@ -271,13 +271,17 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Y, R, LW, LB, PF, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr):
+                     LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
+                     ONE_PASS: tl.constexpr = False):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
         RES: Y = R + product, added in fp32, rounded once (as addmm). PREFETCH: first, each thread asks L2 for
         one `pf_chunk`-byte piece of the next kernel's weights (PF, byte offsets up to `pf_last`), so that HBM
-        stays busy through the launch gap and the next kernel's first wave reads from L2."""
+        stays busy through the launch gap and the next kernel's first wave reads from L2.
+        ONE_PASS (BLOCK_K covers K): every load is issued up front (W tile, x, the norm's weights, the residual)
+        and the layer norm's statistics come from the x already loaded: one memory round trip instead of a chain
+        of four (x for the mean, x for the variance, x and W, then R). The same sums in the same order."""
         pid = tl.program_id(0)
         if PREFETCH:
             lane = pid * 128 + tl.arange(0, 128)
@@ -289,42 +293,67 @@ if triton is not None:
         mmask = m < M
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
-        if LN:
-            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + kk
-                xm = mmask[:, None] & (k[None, :] < K)
-                x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
-                s1 += tl.sum(x, axis=1)
-            mean = s1 / K
-            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + kk
-                xm = mmask[:, None] & (k[None, :] < K)
-                x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
-                xc = tl.where(xm, x - mean[:, None], 0.0)
-                s2 += tl.sum(xc * xc, axis=1)
-            rstd = tl.rsqrt(s2 / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            if EVEN_K:
-                w = tl.load(W + n[:, None] * K + k[None, :], eviction_policy="evict_first")
-                x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None], other=0.0)
-            else:
-                w = tl.load(W + n[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
-                x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
+        if ONE_PASS:
+            km = kk < K
+            w = tl.load(W + n[:, None] * K + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
+            xm = mmask[:, None] & km[None, :]
+            x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
             if LN:
-                lw = tl.load(LW + k, mask=k < K, other=0.0).to(tl.float32)
-                lb = tl.load(LB + k, mask=k < K, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        out = acc
+                lw = tl.load(LW + kk, mask=km, other=0.0).to(tl.float32)
+                lb = tl.load(LB + kk, mask=km, other=0.0).to(tl.float32)
+            if RES:
+                r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+            if LN:
+                xf = x.to(tl.float32)
+                mean = tl.sum(xf, axis=1) / K
+                xc = tl.where(xm, xf - mean[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
+                x = ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
+            out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            _gemv_epilogue(out, r if RES else out, Y, m, n, mmask, sy, GELU, RES)
+        else:  # K in several steps
+            if LN:
+                s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + kk
+                    xm = mmask[:, None] & (k[None, :] < K)
+                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                    s1 += tl.sum(x, axis=1)
+                mean = s1 / K
+                s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + kk
+                    xm = mmask[:, None] & (k[None, :] < K)
+                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                    xc = tl.where(xm, x - mean[:, None], 0.0)
+                    s2 += tl.sum(xc * xc, axis=1)
+                rstd = tl.rsqrt(s2 / K + eps)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                if EVEN_K:
+                    w = tl.load(W + n[:, None] * K + k[None, :], eviction_policy="evict_first")
+                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None], other=0.0)
+                else:
+                    w = tl.load(W + n[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
+                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
+                if LN:
+                    lw = tl.load(LW + k, mask=k < K, other=0.0).to(tl.float32)
+                    lb = tl.load(LB + k, mask=k < K, other=0.0).to(tl.float32)
+                    x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if RES:
+                r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+            _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask, sy, GELU, RES)
+
+    @triton.jit
+    def _gemv_epilogue(out, r, Y, m, n, mmask, sy, GELU: tl.constexpr, RES: tl.constexpr):
+        """Y = out (GELU: exact erf GELU of the product rounded to Y's dtype; RES: + r in fp32), rounded once."""
         if GELU:
             out = out.to(Y.dtype.element_ty).to(tl.float32)
             out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
         if RES:
-            out += tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+            out += r
         tl.store(Y + m[:, None] * sy + n[None, :], out.to(Y.dtype.element_ty), mask=mmask[:, None])
 
     @triton.jit
@@ -439,6 +468,7 @@ def _gemv_config(M, N, K, elt):
     return bn, bk, 4
 
 
+GEMV_ONE_PASS = True  # _gemv_kernel's ONE_PASS where BLOCK_K covers K (bench/step_variants.py compares it off)
 PREFETCH_OK = None  # whether the L2 bulk prefetch compiles and runs here (checked once, on first use)
 
 
@@ -476,7 +506,8 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
     _gemv_kernel[(grid,)](
         x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
-        GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16, num_warps=nw)
+        GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
+        ONE_PASS=GEMV_ONE_PASS and bk >= K, num_warps=nw)
     return out
 
 

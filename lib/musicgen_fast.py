@@ -92,6 +92,10 @@ try:  # on the GPU image; the CPU path (tests) never needs it
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+try:  # programmatic dependent launch (Hopper+): griddepcontrol.launch_dependents / wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 
 if triton is not None:
     @triton.jit
@@ -125,10 +129,13 @@ if triton is not None:
     @triton.jit
     def _decode_attn_kernel(Q, K, V, O, Bias, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, so_r, so_h, sb_r,
                             skn_r, skn_h, n_static, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            SELF: tl.constexpr, HAS_BIAS: tl.constexpr):
+                            SELF: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr = False):
         """One query per (row, head) against a KV cache, online softmax in fp32. SELF: the keys are the
         cache's positions [0, pos) plus the new key/value (KN, VN), which are also written at `pos`.
-        Otherwise (cross-attention) the keys are [0, n_static) with an additive bias per row."""
+        Otherwise (cross-attention) the keys are [0, n_static) with an additive bias per row. TRIGGER: let a
+        programmatic-dependent next kernel launch now (_gemv_kernel's PDL)."""
+        if TRIGGER:
+            gdc_launch_dependents()
         r = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, HD)
@@ -234,7 +241,7 @@ if triton is not None:
         tl.store(Y + row * sy + cols, (xc * tl.rsqrt(var + eps) * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
-def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8):
+def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8, trigger=False):
     """q, kn, vn, out: (rows, H, hd) views with unit last stride; kc, vc: (rows, H, T, hd).
     Self-attention (pos given): split over the cache in `nsplit` programs per head (flash-decoding), then
     merged with the new key/value, which is written at `pos`. Cross-attention: one program per head."""
@@ -255,7 +262,7 @@ def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0
         kn if self_attn else q, vn if self_attn else q, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
         kc.stride(2), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         kn.stride(0) if self_attn else 0, kn.stride(1) if self_attn else 0, n, hd ** -0.5,
-        HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, num_warps=4)
+        HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, TRIGGER=trigger, num_warps=4)
     return out
 
 
@@ -272,7 +279,7 @@ if triton is not None:
     def _gemv_kernel(X, W, Y, R, LW, LB, PF, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
-                     ONE_PASS: tl.constexpr = False):
+                     ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
@@ -281,7 +288,11 @@ if triton is not None:
         stays busy through the launch gap and the next kernel's first wave reads from L2.
         ONE_PASS (BLOCK_K covers K): every load is issued up front (W tile, x, the norm's weights, the residual)
         and the layer norm's statistics come from the x already loaded: one memory round trip instead of a chain
-        of four (x for the mean, x for the variance, x and W, then R). The same sums in the same order."""
+        of four (x for the mean, x for the variance, x and W, then R). The same sums in the same order.
+        PDL: launched as a programmatic dependent of the previous kernel (Hopper+): it asks for its W tile and the
+        norm's weights (which no kernel of the step writes) before it waits for the previous kernel's results, so
+        that its launch and its weights' latency overlap that kernel; once past the wait it lets the next kernel
+        launch (one kernel waiting at a time)."""
         pid = tl.program_id(0)
         if PREFETCH:
             lane = pid * 128 + tl.arange(0, 128)
@@ -296,11 +307,14 @@ if triton is not None:
         if ONE_PASS:
             km = kk < K
             w = tl.load(W + n[:, None] * K + kk[None, :], mask=km[None, :], other=0.0, eviction_policy="evict_first")
-            xm = mmask[:, None] & km[None, :]
-            x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
             if LN:
                 lw = tl.load(LW + kk, mask=km, other=0.0).to(tl.float32)
                 lb = tl.load(LB + kk, mask=km, other=0.0).to(tl.float32)
+            if PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            xm = mmask[:, None] & km[None, :]
+            x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
             if RES:
                 r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
             if LN:
@@ -312,6 +326,9 @@ if triton is not None:
             out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             _gemv_epilogue(out, r if RES else out, Y, m, n, mmask, sy, GELU, RES)
         else:  # K in several steps
+            if PDL:
+                gdc_wait()
+                gdc_launch_dependents()
             if LN:
                 s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
@@ -358,10 +375,13 @@ if triton is not None:
 
     @triton.jit
     def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
-                                so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+                                so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr,
+                                TRIGGER: tl.constexpr = False):
         """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
         (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
-        the new key/value at `pos` and resets the counter."""
+        the new key/value at `pos` and resets the counter. TRIGGER: as _decode_attn_kernel's."""
+        if TRIGGER:
+            gdc_launch_dependents()
         r = tl.program_id(0)
         h = tl.program_id(1)
         q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
@@ -378,9 +398,12 @@ if triton is not None:
             tl.atomic_xchg(Cnt + rh, 0)
 
     @triton.jit
-    def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr):
+    def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr,
+                      TRIGGER: tl.constexpr = False):
         """Row r of the decoder input: sum over codebooks of the embedding of cur[r % bb, k] (fp32 sum,
         rounded), plus the position embedding at kv_pos (added in fp32, rounded)."""
+        if TRIGGER:  # as _decode_attn_kernel's
+            gdc_launch_dependents()
         r = tl.program_id(0)
         b = r % bb
         c = tl.arange(0, BLOCK)
@@ -468,6 +491,7 @@ def _gemv_config(M, N, K, elt):
     return bn, bk, 4
 
 
+GEMV_PDL = True  # the fused step's GEMVs as programmatic dependents where supported (_gemv_kernel's PDL; step_variants)
 GEMV_ONE_PASS = True  # _gemv_kernel's ONE_PASS where BLOCK_K covers K (bench/step_variants.py compares it off)
 PREFETCH_OK = None  # whether the L2 bulk prefetch compiles and runs here (checked once, on first use)
 
@@ -486,7 +510,7 @@ def _prefetch_ok(device) -> bool:
     return PREFETCH_OK
 
 
-def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None):
+def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None, pdl=False):
     """x (M, K) rows with unit last stride, w (N, K) contiguous -> (M, N), see _gemv_kernel.
     prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start)."""
     M, K = x.shape
@@ -507,18 +531,24 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
         GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
-        ONE_PASS=GEMV_ONE_PASS and bk >= K, num_warps=nw)
+        ONE_PASS=GEMV_ONE_PASS and bk >= K, PDL=pdl, launch_pdl=pdl, num_warps=nw)
     return out
 
 
-def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8):
+def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False):
     rows, H, hd = q.shape
     part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
     _self_attn_fused_kernel[(rows, H, nsplit)](
         q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
-        HD=hd, BLOCK_T=64, NSPLIT=nsplit, num_warps=4)
+        HD=hd, BLOCK_T=64, NSPLIT=nsplit, TRIGGER=trigger, num_warps=4)
     return out
+
+
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0+ and a Triton that exposes it."""
+    return (triton is not None and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -851,8 +881,9 @@ class FastMusicgen:
         rows, D, H, hd, eps = s.rows, self.D, self.H, self.hd, self.eps
         bb = s.seq.shape[0]
         h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
+        pdl = GEMV_PDL and _pdl_ok(self.device)  # GEMVs launched as programmatic dependents, see _gemv_kernel
         _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, KCB=self.K,
-                               BLOCK=triton.next_power_of_2(D), num_warps=4)
+                               BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
         order = [w for lay in self.layers for w in (lay.wqkv, lay.wo, lay.wq_c, lay.wo_c, lay.fc1, lay.fc2)
                  if w is not None] + [self.heads]
@@ -862,18 +893,18 @@ class FastMusicgen:
             return (nxt[id(w)], pfb) if pfb and id(w) in nxt else None
 
         for i, lay in enumerate(self.layers):
-            qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv)).view(rows, 3, H, hd)
+            qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl).view(rows, 3, H, hd)
             a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
-            _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt)
-            h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo))
+            _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl)
+            h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
             if lay.wq_c is not None:
-                q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c)).view(rows, H, hd)
+                q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
                 a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
-                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len)
-                h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c))
-            f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1))
-            h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2))
-        logits = _gemv(h, self.heads, ln=self.ln_f, eps=eps)
+                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl)
+                h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
+            f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
+            h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)
+        logits = _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl)
         use_temp, use_topk, use_topp = mode
         if use_topp or self.on_logits is not None:
             self._sample_write(s, logits, cfg, mode)

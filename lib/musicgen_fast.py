@@ -531,7 +531,7 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
         GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
-        ONE_PASS=GEMV_ONE_PASS and bk >= K, PDL=pdl, launch_pdl=pdl, num_warps=nw)
+        ONE_PASS=GEMV_ONE_PASS and bk >= K, PDL=pdl, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

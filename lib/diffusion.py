@@ -12,8 +12,10 @@ RNG is seeded too, for the few diffusers draws that take no generator, e.g. VAE 
 same seed gives the same audio on the same device and dtype.
 
 On CUDA, each request replays its denoiser as CUDA graphs (DenoiserGraphs: same kernels, freed when the request
-ends) and Dance Diffusion's UNet1D gets two rewrites (unet1d_rewrites: same numbers up to rounding); on other
-devices the diffusers path runs as is. bench/diffusion.py measures each against the stock pipeline call.
+ends); Dance Diffusion's UNet1D gets two rewrites (unet1d_rewrites), the Oobleck VAE's Snake runs fused (lib.snake)
+and ACE-Step's DiT blocks run fused (lib.ace_step_dit), all the same numbers up to rounding; setup warms each engine
+with a short request. On other devices the diffusers path runs as is. bench/diffusion.py measures each against the
+stock pipeline call.
 """
 from __future__ import annotations
 

@@ -127,17 +127,43 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
+    def _prefetch_l2(P, nbytes):
+        """Ask L2 for bytes [0, nbytes) from P (a multiple of 16, 16-byte aligned): 16 bulk prefetches, none past
+        the end."""
+        lane = tl.arange(0, 16)
+        piece = tl.maximum((tl.cdiv(nbytes, 16) + 15) // 16 * 16, 16)
+        off = tl.minimum(lane.to(tl.int64) * piece, tl.maximum(nbytes - piece, 0))
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
+                                  [P.to(tl.pointer_type(tl.int8)) + off, tl.full([16], piece, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _attn_dependent_start(K, V, kv_off, n_keys, sk_t, ELT: tl.constexpr):
+        """A programmatic-dependent attention kernel's start: ask L2 for this program's keys and values (positions
+        [0, n_keys) from kv_off, written by earlier steps or the request's setup, never by the previous kernel),
+        wait for the previous kernel, then let the next kernel launch."""
+        if n_keys > 0:
+            _prefetch_l2(K + kv_off, n_keys * sk_t * ELT)
+            _prefetch_l2(V + kv_off, n_keys * sk_t * ELT)
+        gdc_wait()
+        gdc_launch_dependents()
+
+    @triton.jit
     def _decode_attn_kernel(Q, K, V, O, Bias, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, so_r, so_h, sb_r,
                             skn_r, skn_h, n_static, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            SELF: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr = False):
+                            SELF: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr = False,
+                            PDL: tl.constexpr = False, ELT: tl.constexpr = 2):
         """One query per (row, head) against a KV cache, online softmax in fp32. SELF: the keys are the
         cache's positions [0, pos) plus the new key/value (KN, VN), which are also written at `pos`.
         Otherwise (cross-attention) the keys are [0, n_static) with an additive bias per row. TRIGGER: let a
-        programmatic-dependent next kernel launch now (_gemv_kernel's PDL)."""
-        if TRIGGER:
-            gdc_launch_dependents()
+        programmatic-dependent next kernel launch now (_gemv_kernel's PDL). PDL (cross-attention): launched as a
+        programmatic dependent, the text's keys / values asked of L2 before the wait (_attn_dependent_start)."""
         r = tl.program_id(0)
         h = tl.program_id(1)
+        if PDL:
+            _attn_dependent_start(K, V, r * sk_r + h * sk_h, n_static, sk_t, ELT)
+        elif TRIGGER:
+            gdc_launch_dependents()
         d = tl.arange(0, HD)
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
         kb = K + r * sk_r + h * sk_h
@@ -241,7 +267,8 @@ if triton is not None:
         tl.store(Y + row * sy + cols, (xc * tl.rsqrt(var + eps) * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
-def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8, trigger=False):
+def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8, trigger=False,
+                   pdl=False):
     """q, kn, vn, out: (rows, H, hd) views with unit last stride; kc, vc: (rows, H, T, hd).
     Self-attention (pos given): split over the cache in `nsplit` programs per head (flash-decoding), then
     merged with the new key/value, which is written at `pos`. Cross-attention: one program per head."""
@@ -262,7 +289,8 @@ def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0
         kn if self_attn else q, vn if self_attn else q, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
         kc.stride(2), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         kn.stride(0) if self_attn else 0, kn.stride(1) if self_attn else 0, n, hd ** -0.5,
-        HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, TRIGGER=trigger, num_warps=4)
+        HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, TRIGGER=trigger, PDL=pdl and not self_attn,
+        ELT=kc.element_size(), num_warps=4, **({"launch_pdl": True} if pdl and not self_attn else {}))
     return out
 
 
@@ -376,14 +404,20 @@ if triton is not None:
     @triton.jit
     def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
                                 so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr,
-                                TRIGGER: tl.constexpr = False):
+                                TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, ELT: tl.constexpr = 2):
         """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
         (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
-        the new key/value at `pos` and resets the counter. TRIGGER: as _decode_attn_kernel's."""
-        if TRIGGER:
-            gdc_launch_dependents()
+        the new key/value at `pos` and resets the counter. TRIGGER, PDL: as _decode_attn_kernel's (the cache
+        below `pos` is this split's keys / values; `pos` itself was advanced by the previous step)."""
         r = tl.program_id(0)
         h = tl.program_id(1)
+        if PDL:
+            n0 = tl.load(Pos)
+            chunk = tl.cdiv(tl.cdiv(n0, NSPLIT), BLOCK_T) * BLOCK_T
+            lo = tl.program_id(2) * chunk
+            _attn_dependent_start(K, V, r * sk_r + h * sk_h + lo * sk_t, tl.minimum(lo + chunk, n0) - lo, sk_t, ELT)
+        elif TRIGGER:
+            gdc_launch_dependents()
         q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
                                           sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
         done = tl.atomic_add(Cnt + rh, 1, sem="acq_rel")
@@ -492,6 +526,7 @@ def _gemv_config(M, N, K, elt):
 
 
 GEMV_PDL = True  # the fused step's GEMVs as programmatic dependents where supported (_gemv_kernel's PDL; step_variants)
+ATTN_PDL = True  # with GEMV_PDL, the attention kernels as programmatic dependents too (bench/step_variants.py)
 GEMV_ONE_PASS = True  # _gemv_kernel's ONE_PASS where BLOCK_K covers K (bench/step_variants.py compares it off)
 PREFETCH_OK = None  # whether the L2 bulk prefetch compiles and runs here (checked once, on first use)
 
@@ -535,13 +570,14 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
     return out
 
 
-def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False):
+def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False, pdl=False):
     rows, H, hd = q.shape
     part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
     _self_attn_fused_kernel[(rows, H, nsplit)](
         q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
-        HD=hd, BLOCK_T=64, NSPLIT=nsplit, TRIGGER=trigger, num_warps=4)
+        HD=hd, BLOCK_T=64, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -882,6 +918,7 @@ class FastMusicgen:
         bb = s.seq.shape[0]
         h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
         pdl = GEMV_PDL and _pdl_ok(self.device)  # GEMVs launched as programmatic dependents, see _gemv_kernel
+        attn_pdl = pdl and ATTN_PDL  # and the attention kernels, their keys / values asked of L2 before the wait
         _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, KCB=self.K,
                                BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
@@ -895,12 +932,13 @@ class FastMusicgen:
         for i, lay in enumerate(self.layers):
             qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl).view(rows, 3, H, hd)
             a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
-            _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl)
+            _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl,
+                               pdl=attn_pdl)
             h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
             if lay.wq_c is not None:
                 q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
                 a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
-                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl)
+                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
                 h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
             f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
             h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)

@@ -918,7 +918,9 @@ class FastMusicgen:
         bb = s.seq.shape[0]
         h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
         pdl = GEMV_PDL and _pdl_ok(self.device)  # GEMVs launched as programmatic dependents, see _gemv_kernel
-        attn_pdl = pdl and ATTN_PDL  # and the attention kernels, their keys / values asked of L2 before the wait
+        # and the attention kernels, their keys / values asked of L2 before the wait (bulk prefetches take 16-byte
+        # multiples: a cache row of hd values must be one)
+        attn_pdl = pdl and ATTN_PDL and hd * torch.finfo(self.dtype).bits // 8 % 16 == 0
         _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, KCB=self.K,
                                BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0

@@ -22,18 +22,6 @@ import lib.musicgen_fast as musicgen_fast  # noqa: E402
 from lib.musicgen_fast import FastMusicgen  # noqa: E402
 
 
-def gemv_config_before(M, N, K, elt):
-    """lib.musicgen_fast's GEMV heuristic until session 4: 1024-wide K steps that divide K, 2-4 rows per program."""
-    bm = musicgen_fast.triton.next_power_of_2(M)
-    bk = 1024 * 2 // elt
-    while bk > 64 and (K % bk or bm * bk > 2048):
-        bk //= 2
-    bn = 2 if N <= 2048 else max(2, 4096 // bk)
-    while bn > 1 and bm * bn * bk > 16384:
-        bn //= 2
-    return bn, bk, 4
-
-
 GEMV_CONFIG, GEMV_PDL, ATTN_PDL = musicgen_fast._gemv_config, musicgen_fast.GEMV_PDL, musicgen_fast.ATTN_PDL
 
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "medium", "large"]
@@ -53,7 +41,8 @@ for size in sizes:
     ref = None
     for name, kw in variants:
         kw = dict(kw)  # gemv_before / one_pass: module settings swapped while this variant is built and run
-        musicgen_fast._gemv_config = gemv_config_before if kw.pop("gemv_before", False) else GEMV_CONFIG
+        # gemv_before: the K-step heuristic every shape used until session 4
+        musicgen_fast._gemv_config = musicgen_fast._gemv_config_k_steps if kw.pop("gemv_before", False) else GEMV_CONFIG
         musicgen_fast.GEMV_ONE_PASS = kw.pop("one_pass", True)
         musicgen_fast.GEMV_PDL = kw.pop("pdl", GEMV_PDL)
         musicgen_fast.ATTN_PDL = kw.pop("attn_pdl", ATTN_PDL)

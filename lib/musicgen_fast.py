@@ -513,8 +513,12 @@ def _gemv_config(M, N, K, elt):
             return cfg
         # other shapes: the same pattern (K in one or two steps of up to 2048, 4 rows of W per program when wide)
         return (4 if N >= 4096 else 2), min(triton.next_power_of_2(K), 2048), 4
-    # wider rows, fp32: 1024-wide K steps (bench/gemv_sweep.py, session 1), 2 rows of W per program up to N = 2048,
-    # else 4096 elements of W per step; 4 warps
+    return _gemv_config_k_steps(M, N, K, elt)
+
+
+def _gemv_config_k_steps(M, N, K, elt):
+    """Wider rows, fp32 (and every shape until session 4): 1024-wide K steps that divide K (bench/gemv_sweep.py,
+    session 1), 2 rows of W per program up to N = 2048, else 4096 elements of W per step; 4 warps."""
     bm = triton.next_power_of_2(M)
     bk = 1024 * 2 // elt
     while bk > 64 and (K % bk or bm * bk > 2048):

@@ -17,13 +17,12 @@ expressions: they are what runs off CUDA, what the CPU tests check the block's w
 bench/gpu_smoke.py compares the kernels against."""
 from __future__ import annotations
 
-import contextlib
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from lib.forwards import replaced_forwards
 from lib.snake import available, triton  # noqa: F401  (available: whether the kernels run on a device)
 
 if triton is not None:
@@ -362,16 +361,8 @@ def _block_forward(self, hidden_states, position_embeddings, temb, attention_mas
     return h
 
 
-@contextlib.contextmanager
 def fused_blocks(transformer: torch.nn.Module):
     """Within the block, every AceStepTransformerBlock of `transformer` runs the fused forward (its weights packed
     first if they are not); the stock forward is restored on exit. Yields how many blocks."""
     pack_weights(transformer)
-    blocks = list(transformer.layers)
-    for block in blocks:
-        block.forward = types.MethodType(_block_forward, block)
-    try:
-        yield len(blocks)
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+    return replaced_forwards((block, _block_forward) for block in transformer.layers)

@@ -24,7 +24,6 @@ import json
 import math
 import re
 import time
-import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +34,7 @@ from lib import audio as audio_io
 from lib import ace_step_dit, snake
 from lib.catalog import ModelSpec
 from lib.errors import UserError
+from lib.forwards import replaced_forwards
 from lib.cuda_graphs import DenoiserGraphs
 from lib.group_norm import group_norm
 from lib.params import ACE_TRACKS, MAX_DURATION_S
@@ -134,26 +134,20 @@ def _upsample_per_channel(self, x: torch.Tensor, temb: Optional[torch.Tensor] = 
     return torch.nn.functional.conv_transpose1d(x, weight, stride=2, padding=self.pad * 2 + 1, groups=x.shape[1])
 
 
-@contextlib.contextmanager
 def unet1d_rewrites(unet: torch.nn.Module, norm: bool = True, resample: bool = True):
     """Within the block, the UNet1D's GroupNorm(1, C) layers use `_group_norm_one_group` and its Downsample1d /
     Upsample1d the per-channel filters (instance overrides, removed on exit). Yields how many modules changed."""
     from diffusers.models.unets.unet_1d_blocks import Downsample1d, Upsample1d
 
     rewrites = {Downsample1d: _downsample_per_channel, Upsample1d: _upsample_per_channel} if resample else {}
-    changed = []
+    pairs = []
     for m in unet.modules():
         fn = rewrites.get(type(m))
         if fn is None and norm and type(m) is torch.nn.GroupNorm and m.num_groups == 1:
             fn = _group_norm_one_group
         if fn is not None:
-            m.forward = types.MethodType(fn, m)
-            changed.append(m)
-    try:
-        yield len(changed)
-    finally:
-        for m in changed:
-            m.__dict__.pop("forward", None)
+            pairs.append((m, fn))
+    return replaced_forwards(pairs)
 
 
 class DiffusionEngine:

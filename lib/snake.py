@@ -7,10 +7,9 @@ with one read and one write. The kernel repeats the stock op order and rounds to
 as the separate kernels do, so the output is the stock one (bench/diffusion.py measures the difference)."""
 from __future__ import annotations
 
-import contextlib
-import types
-
 import torch
+
+from lib.forwards import replaced_forwards
 
 try:
     import triton
@@ -82,17 +81,10 @@ def available(device: torch.device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-@contextlib.contextmanager
 def fused_snake(module: torch.nn.Module):
     """Within the block, every diffusers Snake1d under `module` runs the fused kernel on contiguous CUDA tensors
     (others, and autograd, take the stock forward); the stock forward is restored on exit. Yields how many."""
     from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
-    changed = [m for m in module.modules() if type(m) is Snake1d] if triton is not None else []
-    for m in changed:
-        m.forward = types.MethodType(_snake_forward, m)
-    try:
-        yield len(changed)
-    finally:
-        for m in changed:
-            m.__dict__.pop("forward", None)
+    snakes = [m for m in module.modules() if type(m) is Snake1d] if triton is not None else []
+    return replaced_forwards((m, _snake_forward) for m in snakes)

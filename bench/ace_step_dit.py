@@ -67,19 +67,7 @@ KINDS = [  # (kind, substrings of a kernel name), first match wins
 
 def kernel_table(fn, top=25):
     """One call of fn under the profiler: ms per kernel kind and the top kernels (CUDA; CPU ops on the CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    act = ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU
-    with profile(activities=[act]) as prof:
-        fn()
-        B.sync()
-    rows = []
-    for e in prof.key_averages():
-        us = (getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)) if CUDA \
-            else e.self_cpu_time_total
-        if us > 0:
-            rows.append((e.key, us, e.count))
-    rows.sort(key=lambda r: -r[1])
+    rows = B.kernel_rows(fn)
     kinds = {}
     for name, us, n in rows:
         kind = next((k for k, subs in KINDS if any(s.lower() in name.lower() for s in subs)), "other")

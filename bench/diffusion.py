@@ -474,8 +474,9 @@ def record(entry, name, out, times, peak, refs=(), **extra):
     return e
 
 
-def profile(fn, top=12):
-    """The kernels (CUDA) or ops (CPU) that take the most time in one call of fn."""
+def kernel_rows(fn):
+    """One call of fn under the profiler: (name, self time in us, calls) per CUDA kernel (per op on the CPU), the
+    slowest first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -483,19 +484,23 @@ def profile(fn, top=12):
     with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
         sync()
-    events = prof.key_averages()
 
     def us(e):
         if cuda:
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         return e.self_cpu_time_total
 
-    rows = sorted((e for e in events if us(e) > 0), key=us, reverse=True)
-    total = sum(us(e) for e in rows)
-    return dict(what="self CUDA time per kernel" if cuda else "self CPU time per op (no CUDA here)",
+    return sorted(((e.key, us(e), e.count) for e in prof.key_averages() if us(e) > 0), key=lambda r: -r[1])
+
+
+def profile(fn, top=12):
+    """The kernels (CUDA) or ops (CPU) that take the most time in one call of fn."""
+    rows = kernel_rows(fn)
+    total = sum(us for _, us, _ in rows)
+    return dict(what="self CUDA time per kernel" if DEV.type == "cuda" else "self CPU time per op (no CUDA here)",
                 total_ms=round(total / 1e3, 2),
-                top=[dict(name=e.key[:120], ms=round(us(e) / 1e3, 3), calls=e.count,
-                          share=round(us(e) / max(total, 1), 3)) for e in rows[:top]])
+                top=[dict(name=name[:120], ms=round(us / 1e3, 3), calls=n, share=round(us / max(total, 1), 3))
+                     for name, us, n in rows[:top]])
 
 
 def stage_times(pipe, fn):

@@ -777,7 +777,7 @@ class FastMusicgen:
         max_len = _round_up(need, self.kv_block)
         kv = self._kv.get(rows)
         if kv is None or kv[0].shape[3] < max_len:
-            for key in [key for key in self._slots if key[0] == rows]:
+            for key in [key for key in self._slots if key[1] == rows]:
                 del self._slots[key]
             self._kv.pop(rows, None)
             kv = None
@@ -787,7 +787,7 @@ class FastMusicgen:
         if kv is None:
             shape = (self.n_layers, rows, self.H, max_len, self.hd)
             kv = self._kv[rows] = (torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
-        slot = self._slots.get((rows, cond_len))
+        slot = self._slots.get((bb, rows, cond_len))
         if slot is not None:
             return slot
         max_len = kv[0].shape[3]
@@ -808,7 +808,7 @@ class FastMusicgen:
                      scale=torch.ones((), **f32), temp=torch.ones((), **f32), top_k=torch.ones(1, **lng),
                      top_p_thr=torch.zeros((), **f32),
                      cnt=torch.zeros(rows * self.H, dtype=torch.int32, device=dev))
-        self._slots[(rows, cond_len)] = slot
+        self._slots[(bb, rows, cond_len)] = slot
         return slot
 
     # ------------------------------------------------------------------------------------------ model

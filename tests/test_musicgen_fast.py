@@ -166,3 +166,16 @@ def test_progress_and_cancel():
         fast.generate_codes(req, torch.Generator().manual_seed(0))
     req.on_step = None  # the next request works
     assert fast.generate_codes(req, torch.Generator().manual_seed(0)).shape == (2, 4, 6)
+
+
+def test_one_decoder_serves_requests_of_other_shapes(monkeypatch):
+    """Buffers are cached per (batch, rows, text length): a batch-1 request with CFG (2 rows) must not leave
+    its buffers to a batch-2 request without CFG (also 2 rows)."""
+    model = model_for("mono")
+    fast = FastMusicgen(model, device="cpu", dtype=torch.float32)
+    first = make_request(model, "mono", new_frames=6, seed=8, batch=1)
+    assert fast.generate_codes(first, torch.Generator().manual_seed(1)).shape == (1, 4, 6)
+    req = make_request(model, "mono", new_frames=6, seed=9, sampling=Sampling(top_k=20, guidance_scale=1.0))
+    ref, _ = run_reference(model, req, 12, monkeypatch)
+    assert torch.equal(fast.generate_codes(req, torch.Generator().manual_seed(12)), ref)
+

@@ -140,6 +140,28 @@ def gpu_check(log):
             res[f"triton_fused_attn_rel_err_pos{p_}"] = float((r1.float() - ref_).norm() / ref_.norm())
             res[f"triton_fused_attn_ok_pos{p_}"] = bool(torch.equal(kc2[:, :, p_], kn) and torch.equal(vc2[:, :, p_], vn)
                                                         and int(cnt.abs().sum()) == 0)
+        # folded cross-attention (one conditioned row): two GEMVs against _fold_cross_attention's matrices
+        # against the query GEMV, masked attention and output GEMV, for a power-of-two and another head count
+        for H_, S_, n_ in ((16, 32, 12), (24, 32, 30), (32, 64, 64)):
+            D_ = H_ * 64
+            wq, wo = (torch.randn(D_, D_, device="cuda", dtype=torch.float16) * D_ ** -0.5 for _ in range(2))
+            k_, v_ = (torch.randn(H_, S_, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+            valid = torch.arange(S_, device="cuda") < n_
+            k_[:, ~valid], v_[:, ~valid] = 0, 0
+            lw, lb = torch.randn(D_, device="cuda", dtype=torch.float16), torch.randn(D_, device="cuda", dtype=torch.float16)
+            h_ = torch.randn(2, D_, device="cuda", dtype=torch.float16)
+            y_ = F.layer_norm(h_[:1].float(), (D_,), lw.float(), lb.float(), 1e-5)
+            a_ = F.scaled_dot_product_attention((y_ @ wq.float().t()).view(1, H_, 1, 64), k_[None].float(),
+                                                v_[None].float(), attn_mask=valid.view(1, 1, 1, S_))
+            ref = a_.reshape(1, D_) @ wo.float().t()
+            fq, fo = torch.empty(H_ * S_, D_, device="cuda", dtype=torch.float16), torch.empty_like(wq[:, :H_ * S_])
+            mf._fold_cross_attention(k_, v_, wq, wo, fq, fo)
+            out = h_.clone()
+            sc = torch.full((1, H_ * S_), float("nan"), device="cuda")
+            mf._gemv(out[:1], fq, ln=(lw, lb), out=sc)
+            mf._gemv(sc, fo, res=out[:1], out=out[:1], softmax=(torch.where(valid, 0.0, -1e30), S_))
+            res[f"triton_folded_cross_attn_h{H_}_s{S_}_rel_err"] = float((out[:1].float() - h_[:1].float() - ref).norm() / ref.norm())
+            res[f"triton_folded_cross_attn_h{H_}_s{S_}_row1_kept"] = bool(torch.equal(out[1], h_[1]))
         log(json.dumps({"kernel_check": res}))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -159,13 +181,35 @@ def gpu_check(log):
     unf = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1, fused_step=False).generate_codes(
         req, torch.Generator(device="cuda").manual_seed(5))
     res["fp32_fused_vs_unfused_step_equal_tokens"] = bool(torch.equal(unf, ours))
+    # batch 1 (the predictor's case): the fused step folds cross-attention (mf._fold_cross_attention)
+    req1 = request(1, 1, seed=2)
+    req1.new_frames = 40
+    torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(6))
+    try:
+        ref1 = reference_generate_codes(model, req1)
+    finally:
+        torch.multinomial = orig
+    fast1 = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1)
+    ours1 = fast1.generate_codes(req1, torch.Generator(device="cuda").manual_seed(6))
+    res["fp32_batch1_cross_attention_folded"] = any(s.fold_q is not None for s in fast1._slots.values())
+    res["fp32_batch1_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref1, ours1))
+    res["fp32_batch1_graph_vs_transformers_token_agreement"] = float((ref1 == ours1).float().mean())
+    mf.CROSS_FOLD = False
+    try:
+        plain = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
+            req1, torch.Generator(device="cuda").manual_seed(6))
+    finally:
+        mf.CROSS_FOLD = True
+    res["fp32_batch1_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
+    del fast1
     del fast
     model = model.half()
-    a = FastMusicgen(model, "cuda", torch.float16).generate_codes(req, torch.Generator(device="cuda").manual_seed(3))
-    b = FastMusicgen(model, "cuda", torch.float16, use_cuda_graphs=False).generate_codes(
-        req, torch.Generator(device="cuda").manual_seed(3))
-    res["fp16_graph_vs_eager_equal_tokens"] = bool(torch.equal(a, b))
-    res["fp16_graph_vs_eager_token_agreement"] = float((a == b).float().mean())
+    for tag, r_ in (("", req), ("_batch1", req1)):
+        a = FastMusicgen(model, "cuda", torch.float16).generate_codes(r_, torch.Generator(device="cuda").manual_seed(3))
+        b = FastMusicgen(model, "cuda", torch.float16, use_cuda_graphs=False).generate_codes(
+            r_, torch.Generator(device="cuda").manual_seed(3))
+        res[f"fp16{tag}_graph_vs_eager_equal_tokens"] = bool(torch.equal(a, b))
+        res[f"fp16{tag}_graph_vs_eager_token_agreement"] = float((a == b).float().mean())
     log(json.dumps({"gpu_check": res}))
     del model
     torch.cuda.empty_cache()

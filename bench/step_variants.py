@@ -1,7 +1,8 @@
 """Decode-step variants of our fused path on one GPU (30 s clip unless given, batch 1, CFG 3, top_k 250, fp16):
 the GEMV configs (lib's table against the 1024-wide-K heuristic used until session 4), the GEMV's one-pass form
 (lib.musicgen_fast.GEMV_ONE_PASS) against the loop it replaces where one K step covers K, the GEMVs launched as
-programmatic dependents (GEMV_PDL) or not, the attention kernels too (ATTN_PDL) or not, L2-prefetch size, and the
+programmatic dependents (GEMV_PDL) or not, the attention kernels too (ATTN_PDL) or not, cross-attention folded into
+two GEMVs (CROSS_FOLD) or not, L2-prefetch size, and the
 cuBLAS step for reference. Fused variants with the same GEMV configs must give the same tokens as the first (same
 seed); other configs sum in another order (`agreement`: the share of equal tokens). (Programmatic dependent launch
 was tried the same way and measured slower: results/musicgen-h100-step-variants-pdl.txt, patch in
@@ -29,6 +30,7 @@ variants = [("fused-pf0", dict(prefetch_bytes=0)), ("fused-gemv-before", dict(pr
             ("fused-two-pass", dict(prefetch_bytes=0, one_pass=False)),
             ("fused-pdl", dict(prefetch_bytes=0, pdl=True)), ("fused-no-pdl", dict(prefetch_bytes=0, pdl=False)),
             ("fused-gemv-pdl-only", dict(prefetch_bytes=0, pdl=True, attn_pdl=False)),
+            ("fused-no-fold", dict(prefetch_bytes=0, cross_fold=False)),
             ("cublas-step", dict(fused_step=False)),
             ("fused-pf8M", dict(prefetch_bytes=8 << 20)), ("fused-pf24M", dict(prefetch_bytes=24 << 20))]
 if len(sys.argv) > 2:
@@ -46,6 +48,7 @@ for size in sizes:
         musicgen_fast.GEMV_ONE_PASS = kw.pop("one_pass", True)
         musicgen_fast.GEMV_PDL = kw.pop("pdl", GEMV_PDL)
         musicgen_fast.ATTN_PDL = kw.pop("attn_pdl", ATTN_PDL)
+        musicgen_fast.CROSS_FOLD = kw.pop("cross_fold", True)
         fast = FastMusicgen(model, "cuda", torch.float16, **kw)
         fast.generate_codes(request(1, secs), torch.Generator(device="cuda").manual_seed(0))
         dts = []
@@ -68,5 +71,5 @@ for size in sizes:
     del model
     torch.cuda.empty_cache()
 musicgen_fast._gemv_config, musicgen_fast.GEMV_ONE_PASS = GEMV_CONFIG, True
-musicgen_fast.GEMV_PDL, musicgen_fast.ATTN_PDL = GEMV_PDL, ATTN_PDL
+musicgen_fast.GEMV_PDL, musicgen_fast.ATTN_PDL, musicgen_fast.CROSS_FOLD = GEMV_PDL, ATTN_PDL, True
 print("VARIANTS " + json.dumps(res))

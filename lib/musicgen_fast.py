@@ -32,6 +32,8 @@ captured as a CUDA graph per (batch bucket, conditioning-length bucket, sampling
 (at most 2 rows) the whole step is fused Triton kernels, ~8 per layer (`_decode_step_fused`): a GEMV that reads
 each weight once with the layer norm in its prologue and the residual add / GELU in its epilogue, one-launch
 split attention, one embedding kernel and one sampling kernel (CFG, temperature, top-k, race, delay mask);
+for one conditioned row (batch 1) and a short text, cross-attention is two GEMVs against per-request matrices
+(`_fold_cross_attention`) instead of three kernels;
 larger batches use cuBLAS for the matrices. The host enqueues steps without waiting for the GPU, except that it stays at most
 `max_inflight` steps ahead so that `on_step` progress and cancellation stay current. On the CPU the same
 code runs eagerly.
@@ -307,7 +309,8 @@ if triton is not None:
     def _gemv_kernel(X, W, Y, R, LW, LB, PF, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
-                     ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False):
+                     ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
+                     GROUP: tl.constexpr = 1):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
@@ -320,7 +323,10 @@ if triton is not None:
         PDL: launched as a programmatic dependent of the previous kernel (Hopper+): it asks for its W tile and the
         norm's weights (which no kernel of the step writes) before it waits for the previous kernel's results, so
         that its launch and its weights' latency overlap that kernel; once past the wait it lets the next kernel
-        launch (one kernel waiting at a time)."""
+        launch (one kernel waiting at a time).
+        SOFTMAX (ONE_PASS, one row): x is fp32 scores of consecutive groups of GROUP keys (one group per head); the
+        program adds LW[k % GROUP] (the keys' additive mask) and takes the softmax of each group before the product:
+        the output half of the folded cross-attention (_fold_cross_attention)."""
         pid = tl.program_id(0)
         if PREFETCH:
             lane = pid * 128 + tl.arange(0, 128)
@@ -338,6 +344,8 @@ if triton is not None:
             if LN:
                 lw = tl.load(LW + kk, mask=km, other=0.0).to(tl.float32)
                 lb = tl.load(LB + kk, mask=km, other=0.0).to(tl.float32)
+            if SOFTMAX:
+                bias = tl.load(LW + kk % GROUP)
             if PDL:
                 gdc_wait()
                 gdc_launch_dependents()
@@ -351,6 +359,11 @@ if triton is not None:
                 xc = tl.where(xm, xf - mean[:, None], 0.0)
                 rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
                 x = ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
+            if SOFTMAX:  # padding past K: finite, so that a padded group's softmax stays finite (its W is 0)
+                sc = tl.where(km[None, :], x.to(tl.float32) + bias[None, :], -1e30)
+                sc = tl.reshape(sc, (BLOCK_M, BLOCK_K // GROUP, GROUP))
+                e = tl.exp(sc - tl.max(sc, axis=2)[:, :, None])
+                x = tl.reshape(e / tl.sum(e, axis=2)[:, :, None], (BLOCK_M, BLOCK_K))
             out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             _gemv_epilogue(out, r if RES else out, Y, m, n, mmask, sy, GELU, RES)
         else:  # K in several steps
@@ -549,15 +562,23 @@ def _prefetch_ok(device) -> bool:
     return PREFETCH_OK
 
 
-def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None, pdl=False):
+def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None, pdl=False,
+          softmax=None):
     """x (M, K) rows with unit last stride, w (N, K) contiguous -> (M, N), see _gemv_kernel.
-    prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start)."""
+    prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start).
+    softmax: (bias (group,) fp32, group): x (1, K) are scores, softmax-ed per group of keys with the bias added."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bn, bk, nw = config or _gemv_config(M, N, K, x.element_size())
+    bn, bk, nw = config or _gemv_config(M, N, K, w.element_size())
+    if softmax is not None:  # needs the one-pass form: every score in registers
+        assert M == 1 and ln is None and K % softmax[1] == 0
+        bk = triton.next_power_of_2(K)
+        bn = min(bn, max(1, 8192 // bk))
     lw, lb = ln if ln is not None else (w, w)
+    if softmax is not None:
+        lw = softmax[0]
     r = res if res is not None else out
     grid = triton.cdiv(N, bn)
     pf, chunk, last = w, 16, 0
@@ -570,7 +591,8 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
         GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
-        ONE_PASS=GEMV_ONE_PASS and bk >= K, PDL=pdl, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        ONE_PASS=(GEMV_ONE_PASS or softmax is not None) and bk >= K, PDL=pdl, SOFTMAX=softmax is not None,
+        GROUP=softmax[1] if softmax is not None else 1, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -630,7 +652,26 @@ class _Slot:
     top_k: torch.Tensor  # (1,) long
     top_p_thr: torch.Tensor  # () fp32: 1 - top_p
     cnt: torch.Tensor | None = None  # (rows * H,) int32 zeros: the fused self-attention's split counters
+    fold_q: torch.Tensor | None = None  # (L, H * cond_len, D), fold_o: (L, D, H * cond_len): the folded
+    fold_o: torch.Tensor | None = None  # cross-attention of the one conditioned row (_fold_cross_attention)
     graphs: dict = field(default_factory=dict)
+
+
+def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
+    """Cross-attention of one row against fixed text keys / values, folded into two matrices (fused step).
+    k, v (H, S, hd): the row's cached text keys / values; wq, wo (D, D): the layer's query / output projections.
+    fold_q (H*S, D) = per head, k_h @ wq_h / sqrt(hd): the GEMV of the normed hidden state with it gives every
+    head's scores at once; fold_o (D, H*S) = per head, wo_h @ v_h^T: the GEMV of the softmax-ed scores with it
+    gives the output projection of the attention. Two GEMVs (_gemv, the second with softmax=) then replace the
+    query GEMV, the attention kernel and the output GEMV, and read H*S*D weights each instead of D*D: half as many
+    bytes than those two D x D matrices while S <= hd (the conditions are in FastMusicgen._folds)."""
+    H, S, hd = k.shape
+    D = wq.shape[1]
+    fold_q.view(H, S, D).copy_(torch.matmul(k, wq.view(H, hd, D)).mul_(hd ** -0.5))
+    fold_o.view(D, H, S).copy_(torch.matmul(v, wo.view(D, H, hd).permute(1, 2, 0)).permute(2, 0, 1))
+
+
+CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_attention) where it applies
 
 
 class FastMusicgen:
@@ -808,8 +849,18 @@ class FastMusicgen:
                      scale=torch.ones((), **f32), temp=torch.ones((), **f32), top_k=torch.ones(1, **lng),
                      top_p_thr=torch.zeros((), **f32),
                      cnt=torch.zeros(rows * self.H, dtype=torch.int32, device=dev))
+        if self._folds(bb, rows, cond_len):
+            slot.fold_q = torch.empty(self.n_layers, self.H * cond_len, self.D, device=dev, dtype=dt)
+            slot.fold_o = torch.empty(self.n_layers, self.D, self.H * cond_len, device=dev, dtype=dt)
         self._slots[(bb, rows, cond_len)] = slot
         return slot
+
+    def _folds(self, bb: int, rows: int, cond_len: int) -> bool:
+        """Whether the fused step runs cross-attention folded (_fold_cross_attention): one conditioned row (batch
+        1; with CFG the unconditioned row's cross-attention is exactly 0), text keys in groups of a power of two
+        (the GEMV's softmax), and no more bytes than the query and output matrices (H * cond_len <= D)."""
+        return (CROSS_FOLD and self.fused_step and not self.melody and bb == 1 and rows <= self.fused_max_rows
+                and cond_len & (cond_len - 1) == 0 and 0 < self.H * cond_len <= self.D)
 
     # ------------------------------------------------------------------------------------------ model
     def _ln(self, x, p):
@@ -917,7 +968,8 @@ class FastMusicgen:
         """One decode step on CUDA in ~8 kernels per layer: layer norms inside the GEMV kernels that follow
         them, residual adds and GELU in their epilogues, self-attention (split + merge + KV write) in one
         launch; embedding sum + position in one kernel; CFG, temperature, top-k, softmax, the race and the
-        delay mask in one more (top-p and the on_logits hook take the torch path)."""
+        delay mask in one more (top-p and the on_logits hook take the torch path). Where the slot has them
+        (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer)."""
         rows, D, H, hd, eps = s.rows, self.D, self.H, self.hd, self.eps
         bb = s.seq.shape[0]
         h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
@@ -941,7 +993,11 @@ class FastMusicgen:
             _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl,
                                pdl=attn_pdl)
             h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
-            if lay.wq_c is not None:
+            if s.fold_q is not None:  # cross-attention of row 0 as two GEMVs (the unconditioned row's is 0)
+                sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)
+                _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl)
+                _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl)
+            elif lay.wq_c is not None:
                 q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
                 a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
                 _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
@@ -1052,6 +1108,8 @@ class FastMusicgen:
             kv = F.linear(cond, lay.wkv_c).view(rows, s.cond_len, 2, self.H, self.hd).permute(2, 0, 3, 1, 4)
             s.ck[i].copy_(kv[0])
             s.cv[i].copy_(kv[1])
+            if s.fold_q is not None:
+                _fold_cross_attention(s.ck[i, 0], s.cv[i, 0], lay.wq_c, lay.wo_c, s.fold_q[i], s.fold_o[i])
 
     # ------------------------------------------------------------------------------------------ generate
     def generate_codes(self, req: CodesRequest, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -179,3 +179,26 @@ def test_one_decoder_serves_requests_of_other_shapes(monkeypatch):
     ref, _ = run_reference(model, req, 12, monkeypatch)
     assert torch.equal(fast.generate_codes(req, torch.Generator().manual_seed(12)), ref)
 
+
+def test_folded_cross_attention_matches_attention():
+    """The fused CUDA step folds cross-attention into two GEMVs against per-request matrices
+    (musicgen_fast._fold_cross_attention): scores = LN(h) @ fold_q^T, a masked softmax per head over the text,
+    then @ fold_o^T. On the CPU, the same matrices must give the query projection, masked attention and output
+    projection of the unfolded path (layout: score h * S + s is head h, text token s)."""
+    from lib.musicgen_fast import _fold_cross_attention
+
+    torch.manual_seed(0)
+    H, S, hd, n_text = 4, 32, 16, 19
+    D = H * hd
+    wq, wo = torch.randn(D, D) / D ** 0.5, torch.randn(D, D) / D ** 0.5
+    k, v = torch.randn(H, S, hd), torch.randn(H, S, hd)
+    valid = torch.arange(S) < n_text
+    y = torch.randn(1, D)
+    q = (y @ wq.t()).view(1, H, 1, hd)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[None], v[None], attn_mask=valid.view(1, 1, 1, S))
+    ref = ref.reshape(1, D) @ wo.t()
+    fold_q, fold_o = torch.empty(H * S, D), torch.empty(D, H * S)
+    _fold_cross_attention(k, v, wq, wo, fold_q, fold_o)
+    scores = (y @ fold_q.t()).view(H, S) + torch.where(valid, 0.0, -1e30)
+    out = scores.softmax(-1).reshape(1, H * S) @ fold_o.t()
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()

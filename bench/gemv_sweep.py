@@ -1,7 +1,9 @@
 """GEMV configs for the decode step's matrices (GPU only): our Triton `_gemv` at 2 rows (CFG) against
 cuBLAS (F.linear), weights rotated over enough copies to miss L2 (HBM, as in a real step).
-    python3 bench/gemv_sweep.py [rows] [BNxBKxWARPS,...] [shape,...]   # prints per shape: cuBLAS, best config, TB/s
-K need not be a multiple of BK (the kernel masks the last step)."""
+    python3 bench/gemv_sweep.py [rows] [BNxBKxWARPS,...] [shape,...] [pdl]   # per shape: cuBLAS, best config, TB/s
+K need not be a multiple of BK (the kernel masks the last step). With `pdl`, each GEMV of the chain runs as in
+the fused step: a programmatic dependent of the one before (Hopper), with its matrix's prologue / epilogue
+(layer norm for qkv, fc1, heads and the folded scores; GELU for fc1; residual for o, fc2 and fold_o)."""
 import json
 import os
 import sys
@@ -16,8 +18,12 @@ import lib.musicgen_fast as mf  # noqa: E402
 # the decode step's matrices (N, K) per model size
 SHAPES = {}
 for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
-    for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D)).items():
+    H = D // 64
+    for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D),
+                             fold_q=(H * 32, D), fold_o=(D, H * 32)).items():  # folded cross-attention, 32 tokens
         SHAPES[f"{name}.{what}"] = (N, K)
+ROLE = dict(qkv=dict(ln=True), fc1=dict(ln=True, gelu=True), heads=dict(ln=True), fold_q=dict(ln=True),
+            o=dict(res=True), fc2=dict(res=True), fold_o=dict(res=True))
 
 
 def triton_pow2(n):
@@ -57,7 +63,8 @@ def main():
                if bn * bk * rows <= 8192 * nw and bn * bk >= 1024]
     if len(sys.argv) > 2 and sys.argv[2]:
         configs = [tuple(int(v) for v in c.split("x")) for c in sys.argv[2].split(",")]
-    shapes = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SHAPES)
+    shapes = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[3] else list(SHAPES)
+    pdl = len(sys.argv) > 4 and sys.argv[4] == "pdl"
     res = {}
     torch.manual_seed(0)
     for name, (N, K) in ((n, SHAPES[n]) for n in shapes):
@@ -67,14 +74,21 @@ def main():
         out = torch.empty(rows, N, device="cuda", dtype=torch.float16)
         ref = F.linear(x, ws[0]).float()
         r = {"cublas_us": time_chain(lambda i: torch.matmul(x, ws[i].t(), out=out), n_w)}
+        kw = {}
+        if pdl:  # the matrix's own prologue / epilogue, as in the step
+            role = ROLE[name.split(".")[1]]
+            kw = dict(pdl=True, gelu=role.get("gelu", False),
+                      ln=(torch.ones(K, device="cuda", dtype=torch.float16),) * 2 if role.get("ln") else None,
+                      res=torch.zeros(rows, N, device="cuda", dtype=torch.float16) if role.get("res") else None)
         best = None
         for cfg in dict.fromkeys([*configs, tuple(mf._gemv_config(rows, N, K, 2))]):  # + what lib picks now
             if N % cfg[0] or cfg[1] > triton_pow2(K):
                 continue
-            y = mf._gemv(x, ws[0], config=cfg)
-            err = float((y.float() - ref).norm() / ref.norm())
-            assert err < 2e-3, (name, cfg, err)
-            us = time_chain(lambda i: mf._gemv(x, ws[i], out=out, config=cfg), n_w)
+            if not kw:
+                y = mf._gemv(x, ws[0], config=cfg)
+                err = float((y.float() - ref).norm() / ref.norm())
+                assert err < 2e-3, (name, cfg, err)
+            us = time_chain(lambda i: mf._gemv(x, ws[i], out=out, config=cfg, **kw), n_w)
             r[str(cfg)] = round(us, 2)
             if best is None or us < best[1]:
                 best = (cfg, us)
@@ -92,7 +106,7 @@ def main():
         torch.cuda.empty_cache()
     print("GEMV_SWEEP " + json.dumps({k: (v["best"], v["best_us"]) for k, v in res.items()}))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"gemv-sweep-rows{rows}.json").write_text(json.dumps(res, indent=1))
+        Path(os.environ["OUT"], f"gemv-sweep-rows{rows}{'-pdl' if pdl else ''}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

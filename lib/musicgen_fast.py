@@ -507,15 +507,18 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps) for 16-bit weights at 1-2 rows (one request, with or without CFG), per (N, K) of the
-# decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large): the fastest of
-# bench/gemv_sweep.py on an H100 (results/gemv-sweep-h100-rows2-bigk.json). Whole-K steps where K fits: each program
-# then has all its bytes in flight at once, which is what a latency-bound GEMV needs.
+# decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large; the folded cross-attention's two at
+# 32 text tokens, one row): the fastest in bench/gemv_sweep.py's chains of programmatic dependents with each matrix's
+# prologue / epilogue, as in the step, on an H100 (results/gemv-sweep-h100-pdl.txt). Whole-K steps where K fits:
+# each program then has all its bytes in flight at once, which is what a latency-bound GEMV needs; as dependents,
+# wider tiles (more of W asked for before the wait) won on most matrices.
 GEMV_CONFIGS: dict = {
-    (3072, 1024): (2, 1024, 4), (1024, 1024): (4, 1024, 4), (4096, 1024): (4, 1024, 4), (1024, 4096): (4, 4096, 4),
-    (8192, 1024): (4, 1024, 4),
-    (4608, 1536): (4, 2048, 4), (1536, 1536): (4, 2048, 4), (6144, 1536): (4, 2048, 4), (1536, 6144): (2, 2048, 4),
-    (8192, 1536): (4, 2048, 4),
-    (6144, 2048): (2, 2048, 4), (2048, 2048): (2, 2048, 4), (8192, 2048): (4, 2048, 4), (2048, 8192): (2, 4096, 8),
+    (3072, 1024): (8, 1024, 4), (1024, 1024): (8, 1024, 4), (4096, 1024): (16, 1024, 4), (1024, 4096): (4, 4096, 4),
+    (8192, 1024): (4, 1024, 4), (512, 1024): (8, 1024, 4), (1024, 512): (8, 512, 4),
+    (4608, 1536): (8, 2048, 4), (1536, 1536): (8, 2048, 4), (6144, 1536): (8, 2048, 4), (1536, 6144): (4, 2048, 4),
+    (8192, 1536): (8, 2048, 4), (768, 1536): (8, 2048, 4), (1536, 768): (8, 1024, 4),
+    (6144, 2048): (4, 2048, 4), (2048, 2048): (4, 2048, 4), (8192, 2048): (8, 2048, 4), (2048, 8192): (2, 4096, 8),
+    (1024, 2048): (8, 2048, 4), (2048, 1024): (4, 1024, 4),
 }
 
 

@@ -133,13 +133,17 @@ def gpu_check(log):
             kx[:, :, p_], vx[:, :, p_] = kn, vn
             ref_ = F.scaled_dot_product_attention(q[:, :, None].float(), kx[:, :, :p_ + 1].float(),
                                                   vx[:, :, :p_ + 1].float())[:, :, 0]
-            kc2, vc2 = kref.clone(), vref.clone()
-            cnt = torch.zeros(rows * H, dtype=torch.int32, device="cuda")
-            r1 = torch.full_like(q, float("nan"))
-            mf._self_attend_fused(q, kc2, vc2, r1, torch.tensor([p_], device="cuda"), kn, vn, cnt)
-            res[f"triton_fused_attn_rel_err_pos{p_}"] = float((r1.float() - ref_).norm() / ref_.norm())
-            res[f"triton_fused_attn_ok_pos{p_}"] = bool(torch.equal(kc2[:, :, p_], kn) and torch.equal(vc2[:, :, p_], vn)
-                                                        and int(cnt.abs().sum()) == 0)
+            # the step's setting (as a programmatic dependent where supported: first block loaded before the wait)
+            nsplit, block_t, nw = mf.SELF_ATTN_SPLIT
+            for tag, kw in (("", dict(nsplit=8)), ("_step", dict(nsplit=nsplit, block_t=block_t, num_warps=nw,
+                                                                 pdl=mf._pdl_ok(q.device)))):
+                kc2, vc2 = kref.clone(), vref.clone()
+                cnt = torch.zeros(rows * H, dtype=torch.int32, device="cuda")
+                r1 = torch.full_like(q, float("nan"))
+                mf._self_attend_fused(q, kc2, vc2, r1, torch.tensor([p_], device="cuda"), kn, vn, cnt, **kw)
+                res[f"triton_fused_attn{tag}_rel_err_pos{p_}"] = float((r1.float() - ref_).norm() / ref_.norm())
+                res[f"triton_fused_attn{tag}_ok_pos{p_}"] = bool(
+                    torch.equal(kc2[:, :, p_], kn) and torch.equal(vc2[:, :, p_], vn) and int(cnt.abs().sum()) == 0)
         # folded cross-attention (one conditioned row): two GEMVs against _fold_cross_attention's matrices
         # against the query GEMV, masked attention and output GEMV, for a power-of-two and another head count
         for H_, S_, n_ in ((16, 32, 12), (24, 32, 30), (32, 64, 64)):

@@ -111,22 +111,34 @@ if triton is not None:
         m_i = tl.full([], -1e30, tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([HD], dtype=tl.float32)
+        return _attend_more(q, kb, vb, bias, lo, hi, sk_t, acc, m_i, l_i, HD, BLOCK_T, HAS_BIAS)
+
+    @triton.jit
+    def _attend_more(q, kb, vb, bias, lo, hi, sk_t, acc, m_i, l_i, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+        """_attend_span's loop, continuing from the state (acc, m_i, l_i)."""
+        d = tl.arange(0, HD)
         for start in range(lo, hi, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             valid = t < hi
-            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)
+            k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             if HAS_BIAS:
                 s += tl.load(bias + t, mask=valid, other=0.0)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+            v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+            acc, m_i, l_i = _attend_block(s, v, valid, acc, m_i, l_i)
         return acc, m_i, l_i
+
+    @triton.jit
+    def _attend_block(s, v, valid, acc, m_i, l_i):
+        """One block of the online softmax: scores s (BLOCK_T,) fp32 of the keys `valid`, values v (BLOCK_T, HD)."""
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        return acc, m_new, l_i
 
     @triton.jit
     def _prefetch_l2(P, nbytes):
@@ -207,10 +219,46 @@ if triton is not None:
         hi = tl.minimum(lo + chunk, n)
         acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
         rh = r * nh + h
+        _store_partial(Part, rh, sp, acc, m_i, l_i, HD, NSPLIT)
+        return q, kb, vb, n, rh
+
+    @triton.jit
+    def _store_partial(Part, rh, sp, acc, m_i, l_i, HD: tl.constexpr, NSPLIT: tl.constexpr):
         base = Part + (rh * NSPLIT + sp) * (HD + 2)
-        tl.store(base + d, acc)
+        tl.store(base + tl.arange(0, HD), acc)
         tl.store(base + HD, m_i)
         tl.store(base + HD + 1, l_i)
+
+    @triton.jit
+    def _split_partial_preloaded(Q, K, V, Part, Pos, r, h, sp, nh, sq_r, sq_h, sk_r, sk_h, sk_t, scale,
+                                 HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr, ELT: tl.constexpr):
+        """_split_partial as a programmatic dependent: the split's first block of keys and values (written by
+        earlier steps, never by the previous kernel) is loaded into registers before the wait, the rest of its
+        span (only past NSPLIT * BLOCK_T positions) asked of L2; after the wait only the query is read before
+        the scores. Same sums in the same order as _split_partial."""
+        d = tl.arange(0, HD)
+        kb = K + r * sk_r + h * sk_h
+        vb = V + r * sk_r + h * sk_h
+        n = tl.load(Pos)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        t = lo + tl.arange(0, BLOCK_T)
+        valid = t < hi
+        k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0)
+        if hi - lo > BLOCK_T:
+            _prefetch_l2(kb + (lo + BLOCK_T) * sk_t, (hi - lo - BLOCK_T) * sk_t * ELT)
+            _prefetch_l2(vb + (lo + BLOCK_T) * sk_t, (hi - lo - BLOCK_T) * sk_t * ELT)
+        gdc_wait()
+        gdc_launch_dependents()
+        q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
+        acc, m_i, l_i = _attend_block(tl.sum(k.to(tl.float32) * q[None, :], axis=1), v, valid,
+                                      tl.zeros([HD], dtype=tl.float32), tl.full([], -1e30, tl.float32),
+                                      tl.full([], 0.0, tl.float32))
+        acc, m_i, l_i = _attend_more(q, kb, vb, Q, lo + BLOCK_T, hi, sk_t, acc, m_i, l_i, HD, BLOCK_T, False)
+        rh = r * nh + h
+        _store_partial(Part, rh, sp, acc, m_i, l_i, HD, NSPLIT)
         return q, kb, vb, n, rh
 
     @triton.jit
@@ -420,19 +468,21 @@ if triton is not None:
                                 TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, ELT: tl.constexpr = 2):
         """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
         (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
-        the new key/value at `pos` and resets the counter. TRIGGER, PDL: as _decode_attn_kernel's (the cache
-        below `pos` is this split's keys / values; `pos` itself was advanced by the previous step)."""
+        the new key/value at `pos` and resets the counter. TRIGGER: as _decode_attn_kernel's. PDL: launched as a
+        programmatic dependent, the split's first block of keys / values in registers before the wait
+        (_split_partial_preloaded; the cache below `pos` was written by earlier steps, and `pos` advanced by the
+        previous step)."""
         r = tl.program_id(0)
         h = tl.program_id(1)
         if PDL:
-            n0 = tl.load(Pos)
-            chunk = tl.cdiv(tl.cdiv(n0, NSPLIT), BLOCK_T) * BLOCK_T
-            lo = tl.program_id(2) * chunk
-            _attn_dependent_start(K, V, r * sk_r + h * sk_h + lo * sk_t, tl.minimum(lo + chunk, n0) - lo, sk_t, ELT)
-        elif TRIGGER:
-            gdc_launch_dependents()
-        q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
-                                          sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
+            q, kb, vb, n, rh = _split_partial_preloaded(Q, K, V, Part, Pos, r, h, tl.program_id(2),
+                                                        tl.num_programs(1), sq_r, sq_h, sk_r, sk_h, sk_t, scale,
+                                                        HD, BLOCK_T, NSPLIT, ELT)
+        else:
+            if TRIGGER:
+                gdc_launch_dependents()
+            q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
+                                              sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
         done = tl.atomic_add(Cnt + rh, 1, sem="acq_rel")
         if done == NSPLIT - 1:
             d = tl.arange(0, HD)
@@ -599,13 +649,14 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
     return out
 
 
-def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False, pdl=False):
+def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False, pdl=False, block_t=64,
+                       num_warps=4):
     rows, H, hd = q.shape
     part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
     _self_attn_fused_kernel[(rows, H, nsplit)](
         q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
-        HD=hd, BLOCK_T=64, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), num_warps=4,
+        HD=hd, BLOCK_T=block_t, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -674,6 +725,10 @@ def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
     fold_o.view(D, H, S).copy_(torch.matmul(v, wo.view(D, H, hd).permute(1, 2, 0)).permute(2, 0, 1))
 
 
+# the fused step's self-attention: programs per (row, head), keys per block, warps (bench/step_ablation.py, 30 s clips
+# on an H100, the first block loaded before the wait: 8 x 128 (one block per program up to 1024 positions) was 0.3-3%
+# faster than 16 x 128 and 5-9% faster than 32 x 64; 8 warps were slower)
+SELF_ATTN_SPLIT = (8, 128, 4)
 CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_attention) where it applies
 
 
@@ -994,7 +1049,8 @@ class FastMusicgen:
             qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl).view(rows, 3, H, hd)
             a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
             _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl,
-                               pdl=attn_pdl)
+                               pdl=attn_pdl, nsplit=SELF_ATTN_SPLIT[0], block_t=SELF_ATTN_SPLIT[1],
+                               num_warps=SELF_ATTN_SPLIT[2])
             h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
             if s.fold_q is not None:  # cross-attention of row 0 as two GEMVs (the unconditioned row's is 0)
                 sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)

@@ -1,0 +1,64 @@
+"""What each part of the fused decode step costs inside the step (GPU only, diagnostic): the same clip (batch 1, CFG 3,
+fp16) timed with one part changed or removed. Removing a part gives wrong tokens; only the time is read: the
+difference to `full` is that part's marginal cost in the chain of dependent kernels, which a per-kernel profile
+(overlapping programmatic dependents) cannot show.
+    python3 bench/step_ablation.py small,large [variant,...] [seconds]
+Variants: full; no-self-attn (the self-attention kernel not launched); splitsN-btT[-wW] (self-attention in N programs
+per (row, head), T keys per block, W warps (4), N a power of two; lib: musicgen_fast.SELF_ATTN_SPLIT); no-attn-pdl (the attention
+kernels launched normally: no L2 prefetch of their keys / values before the previous kernel ends); no-topk (top_k 0: the sampling kernel's sort
+skipped)."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from musicgen import build, request  # noqa: E402
+from lib.musicgen_codes import decoding_steps  # noqa: E402
+import lib.musicgen_fast as mf  # noqa: E402
+
+SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL
+sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
+names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
+    "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
+secs = int(sys.argv[3]) if len(sys.argv) > 3 else 30
+
+
+def configure(name):
+    mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL = SPLIT, SELF_ATTEND, ATTN_PDL
+    if name == "no-attn-pdl":
+        mf.ATTN_PDL = False
+    elif name == "no-self-attn":
+        mf._self_attend_fused = lambda q, kc, vc, out, *a, **k: out
+    elif name.startswith("splits"):
+        n, t, w = (name[len("splits"):].replace("-bt", " ").replace("-w", " ") + " 4").split()[:3]
+        mf.SELF_ATTN_SPLIT = (int(n), int(t), int(w))
+    return 0 if name == "no-topk" else 250
+
+
+res = {}
+for size in sizes:
+    model = build(size)
+    steps = decoding_steps(4, secs * 50)
+    for name in names:
+        top_k = configure(name)
+        fast = mf.FastMusicgen(model, "cuda", torch.float16)
+        fast.generate_codes(request(1, secs, top_k=top_k), torch.Generator(device="cuda").manual_seed(0))
+        dts = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fast.generate_codes(request(1, secs, top_k=top_k), torch.Generator(device="cuda").manual_seed(1))
+            torch.cuda.synchronize()
+            dts.append(time.perf_counter() - t)
+        res[f"{size}.{name}"] = dict(wall_s=round(min(dts), 3), ms_per_step=round(min(dts) / steps * 1000, 3))
+        print(size, name, res[f"{size}.{name}"], flush=True)
+        del fast
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+configure("full")
+print("ABLATION " + json.dumps(res))

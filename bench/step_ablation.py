@@ -6,7 +6,7 @@ difference to `full` is that part's marginal cost in the chain of dependent kern
 Variants: full; no-self-attn (the self-attention kernel not launched); splitsN-btT[-wW] (self-attention in N programs
 per (row, head), T keys per block, W warps (4), N a power of two; lib: musicgen_fast.SELF_ATTN_SPLIT); no-attn-pdl (the attention
 kernels launched normally: no L2 prefetch of their keys / values before the previous kernel ends); no-topk (top_k 0: the sampling kernel's sort
-skipped)."""
+skipped); gemv-N-K-BNxBKxW (the (N, K) matrix's GEMV config in lib.musicgen_fast.GEMV_CONFIGS replaced)."""
 import json
 import sys
 import time
@@ -21,6 +21,7 @@ from lib.musicgen_codes import decoding_steps  # noqa: E402
 import lib.musicgen_fast as mf  # noqa: E402
 
 SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL
+GEMV_CONFIGS = dict(mf.GEMV_CONFIGS)
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
     "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
@@ -29,7 +30,12 @@ secs = int(sys.argv[3]) if len(sys.argv) > 3 else 30
 
 def configure(name):
     mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL = SPLIT, SELF_ATTEND, ATTN_PDL
-    if name == "no-attn-pdl":
+    mf.GEMV_CONFIGS.clear()
+    mf.GEMV_CONFIGS.update(GEMV_CONFIGS)
+    if name.startswith("gemv-"):  # gemv-N-K-BNxBKxW: one matrix shape's GEMV config
+        _, n, k, cfg = name.split("-")
+        mf.GEMV_CONFIGS[(int(n), int(k))] = tuple(int(v) for v in cfg.split("x"))
+    elif name == "no-attn-pdl":
         mf.ATTN_PDL = False
     elif name == "no-self-attn":
         mf._self_attend_fused = lambda q, kc, vc, out, *a, **k: out

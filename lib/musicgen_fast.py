@@ -368,10 +368,10 @@ if triton is not None:
         ONE_PASS (BLOCK_K covers K): every load is issued up front (W tile, x, the norm's weights, the residual)
         and the layer norm's statistics come from the x already loaded: one memory round trip instead of a chain
         of four (x for the mean, x for the variance, x and W, then R). The same sums in the same order.
-        PDL: launched as a programmatic dependent of the previous kernel (Hopper+): it asks for its W tile and the
-        norm's weights (which no kernel of the step writes) before it waits for the previous kernel's results, so
-        that its launch and its weights' latency overlap that kernel; once past the wait it lets the next kernel
-        launch (one kernel waiting at a time).
+        PDL: launched as a programmatic dependent of the previous kernel (Hopper+): it asks for its W tile (in
+        several K steps, the first step's) and the norm's weights (which no kernel of the step writes) before it
+        waits for the previous kernel's results, so that its launch and its weights' latency overlap that kernel;
+        once past the wait it lets the next kernel launch (one kernel waiting at a time).
         SOFTMAX (ONE_PASS, one row): x is fp32 scores of consecutive groups of GROUP keys (one group per head); the
         program adds LW[k % GROUP] (the keys' additive mask) and takes the softmax of each group before the product:
         the output half of the folded cross-attention (_fold_cross_attention)."""
@@ -415,7 +415,9 @@ if triton is not None:
             out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             _gemv_epilogue(out, r if RES else out, Y, m, n, mmask, sy, GELU, RES)
         else:  # K in several steps
-            if PDL:
+            if PDL:  # the first step's W tile asked for before the wait, as in the one-pass form
+                w0 = tl.load(W + n[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0,
+                             eviction_policy="evict_first")
                 gdc_wait()
                 gdc_launch_dependents()
             if LN:
@@ -434,23 +436,37 @@ if triton is not None:
                     xc = tl.where(xm, x - mean[:, None], 0.0)
                     s2 += tl.sum(xc * xc, axis=1)
                 rstd = tl.rsqrt(s2 / K + eps)
+            else:
+                mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+                rstd = mean
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            k_first = 0
+            if PDL:
+                acc = _gemv_k_step(acc, w0, X, LW, LB, m, mmask, kk, K, sx, mean, rstd, EVEN_K, LN)
+                k_first = BLOCK_K
+            for k0 in range(k_first, K, BLOCK_K):
                 k = k0 + kk
                 if EVEN_K:
                     w = tl.load(W + n[:, None] * K + k[None, :], eviction_policy="evict_first")
-                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None], other=0.0)
                 else:
                     w = tl.load(W + n[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0, eviction_policy="evict_first")
-                    x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
-                if LN:
-                    lw = tl.load(LW + k, mask=k < K, other=0.0).to(tl.float32)
-                    lb = tl.load(LB + k, mask=k < K, other=0.0).to(tl.float32)
-                    x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                acc = _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K, LN)
             if RES:
                 r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
             _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask, sy, GELU, RES)
+
+    @triton.jit
+    def _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K: tl.constexpr, LN: tl.constexpr):
+        """One K step of _gemv_kernel's loop: acc + x[:, k] (layer-normed if LN) times the W tile w (k's columns)."""
+        if EVEN_K:
+            x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None], other=0.0)
+        else:
+            x = tl.load(X + m[:, None] * sx + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
+        if LN:
+            lw = tl.load(LW + k, mask=k < K, other=0.0).to(tl.float32)
+            lb = tl.load(LB + k, mask=k < K, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
+        return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     @triton.jit
     def _gemv_epilogue(out, r, Y, m, n, mmask, sy, GELU: tl.constexpr, RES: tl.constexpr):
@@ -559,15 +575,16 @@ if triton is not None:
 # (BLOCK_N, BLOCK_K, num_warps) for 16-bit weights at 1-2 rows (one request, with or without CFG), per (N, K) of the
 # decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large; the folded cross-attention's two at
 # 32 text tokens, one row): the fastest in bench/gemv_sweep.py's chains of programmatic dependents with each matrix's
-# prologue / epilogue, as in the step, on an H100 (results/gemv-sweep-h100-pdl.txt). Whole-K steps where K fits:
+# prologue / epilogue, as in the step, on an H100 (results/gemv-sweep-h100-pdl.txt; fc2 of medium and large, whose
+# first K step is asked for before the wait too, in the step itself: bench/step_ablation.py). Whole-K steps where K fits:
 # each program then has all its bytes in flight at once, which is what a latency-bound GEMV needs; as dependents,
 # wider tiles (more of W asked for before the wait) won on most matrices.
 GEMV_CONFIGS: dict = {
     (3072, 1024): (8, 1024, 4), (1024, 1024): (8, 1024, 4), (4096, 1024): (16, 1024, 4), (1024, 4096): (4, 4096, 4),
     (8192, 1024): (4, 1024, 4), (512, 1024): (8, 1024, 4), (1024, 512): (8, 512, 4),
-    (4608, 1536): (8, 2048, 4), (1536, 1536): (8, 2048, 4), (6144, 1536): (8, 2048, 4), (1536, 6144): (4, 2048, 4),
+    (4608, 1536): (8, 2048, 4), (1536, 1536): (8, 2048, 4), (6144, 1536): (8, 2048, 4), (1536, 6144): (2, 2048, 4),
     (8192, 1536): (8, 2048, 4), (768, 1536): (8, 2048, 4), (1536, 768): (8, 1024, 4),
-    (6144, 2048): (4, 2048, 4), (2048, 2048): (4, 2048, 4), (8192, 2048): (8, 2048, 4), (2048, 8192): (2, 4096, 8),
+    (6144, 2048): (4, 2048, 4), (2048, 2048): (4, 2048, 4), (8192, 2048): (8, 2048, 4), (2048, 8192): (2, 2048, 4),
     (1024, 2048): (8, 2048, 4), (2048, 1024): (4, 1024, 4),
 }
 

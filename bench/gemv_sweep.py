@@ -20,10 +20,11 @@ SHAPES = {}
 for name, D in (("small", 1024), ("medium", 1536), ("large", 2048)):
     H = D // 64
     for what, (N, K) in dict(qkv=(3 * D, D), o=(D, D), fc1=(4 * D, D), fc2=(D, 4 * D), heads=(4 * 2048, D),
-                             fold_q=(H * 32, D), fold_o=(D, H * 32)).items():  # folded cross-attention, 32 tokens
+                             fold_q=(H * 16, D), fold_o=(D, H * 16),  # folded cross-attention, 16 text tokens
+                             fold_q32=(H * 32, D), fold_o32=(D, H * 32)).items():  # and 32
         SHAPES[f"{name}.{what}"] = (N, K)
 ROLE = dict(qkv=dict(ln=True), fc1=dict(ln=True, gelu=True), heads=dict(ln=True), fold_q=dict(ln=True),
-            o=dict(res=True), fc2=dict(res=True), fold_o=dict(res=True))
+            fold_q32=dict(ln=True), o=dict(res=True), fc2=dict(res=True), fold_o=dict(res=True), fold_o32=dict(res=True))
 
 
 def triton_pow2(n):

@@ -3,10 +3,16 @@ fp16) timed with one part changed or removed. Removing a part gives wrong tokens
 difference to `full` is that part's marginal cost in the chain of dependent kernels, which a per-kernel profile
 (overlapping programmatic dependents) cannot show.
     python3 bench/step_ablation.py small,large [variant,...] [seconds]
-Variants: full; no-self-attn (the self-attention kernel not launched); splitsN-btT[-wW] (self-attention in N programs
-per (row, head), T keys per block, W warps (4), N a power of two; lib: musicgen_fast.SELF_ATTN_SPLIT); no-attn-pdl (the attention
-kernels launched normally: no L2 prefetch of their keys / values before the previous kernel ends); no-topk (top_k 0: the sampling kernel's sort
-skipped); gemv-N-K-BNxBKxW (the (N, K) matrix's GEMV config in lib.musicgen_fast.GEMV_CONFIGS replaced)."""
+Variants:
+- full: lib as it is;
+- no-self-attn: the self-attention kernel not launched;
+- splitsN-btT[-wW]: self-attention in N programs per (row, head) (a power of two), T keys per block, W warps (4)
+  (lib: musicgen_fast.SELF_ATTN_SPLIT);
+- no-attn-pdl: the attention kernels launched normally (keys / values not asked for before the previous kernel ends);
+- no-topk: top_k 0 (the sampling kernel's sort skipped);
+- gemv-N-K-BNxBKxW[+...]: the (N, K) matrices' GEMV configs in musicgen_fast.GEMV_CONFIGS replaced;
+- cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
+  12-token prompt then pads to 32."""
 import json
 import sys
 import time
@@ -21,7 +27,7 @@ from lib.musicgen_codes import decoding_steps  # noqa: E402
 import lib.musicgen_fast as mf  # noqa: E402
 
 SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL
-GEMV_CONFIGS = dict(mf.GEMV_CONFIGS)
+GEMV_CONFIGS, COND_BUCKET = dict(mf.GEMV_CONFIGS), mf._cond_bucket
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
     "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
@@ -32,9 +38,13 @@ def configure(name):
     mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL = SPLIT, SELF_ATTEND, ATTN_PDL
     mf.GEMV_CONFIGS.clear()
     mf.GEMV_CONFIGS.update(GEMV_CONFIGS)
-    if name.startswith("gemv-"):  # gemv-N-K-BNxBKxW: one matrix shape's GEMV config
-        _, n, k, cfg = name.split("-")
-        mf.GEMV_CONFIGS[(int(n), int(k))] = tuple(int(v) for v in cfg.split("x"))
+    mf._cond_bucket = COND_BUCKET
+    if name.startswith("gemv-"):  # gemv-N-K-BNxBKxW[+gemv-...]: matrix shapes' GEMV configs
+        for part in name.split("+"):
+            _, n, k, cfg = part.split("-")
+            mf.GEMV_CONFIGS[(int(n), int(k))] = tuple(int(v) for v in cfg.split("x"))
+    elif name == "cond32":
+        mf._cond_bucket = lambda n, block: mf._round_up(n, block)
     elif name == "no-attn-pdl":
         mf.ATTN_PDL = False
     elif name == "no-self-attn":

@@ -71,6 +71,15 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _cond_bucket(n: int, block: int) -> int:
+    """Text-length bucket (graphs are captured per bucket): powers of two from 16 up to 2 * `block` tokens (the
+    folded cross-attention's per-head softmax needs a power of two, and a short prompt pads less), then multiples
+    of `block`."""
+    if n <= 2 * block:
+        return max(16, 1 << (n - 1).bit_length())
+    return _round_up(n, block)
+
+
 def _batch_bucket(b: int) -> int:
     return 1 << (b - 1).bit_length()
 
@@ -573,19 +582,21 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps) for 16-bit weights at 1-2 rows (one request, with or without CFG), per (N, K) of the
-# decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large; the folded cross-attention's two at
-# 32 text tokens, one row): the fastest in bench/gemv_sweep.py's chains of programmatic dependents with each matrix's
-# prologue / epilogue, as in the step, on an H100 (results/gemv-sweep-h100-pdl.txt; fc2 of medium and large, whose
-# first K step is asked for before the wait too, in the step itself: bench/step_ablation.py). Whole-K steps where K fits:
-# each program then has all its bytes in flight at once, which is what a latency-bound GEMV needs; as dependents,
-# wider tiles (more of W asked for before the wait) won on most matrices.
+# decode step's matrices (qkv, out, fc1, fc2, heads of small / medium / large; the folded cross-attention's two at 16
+# and 32 text tokens, one row): the fastest in bench/gemv_sweep.py's chains of programmatic dependents, each matrix
+# with its prologue / epilogue as in the step, on an H100 (results/gemv-sweep-h100-pdl.txt); fc2 of medium and large
+# (whose first K step is asked for before the wait too) and the 16-token fold chosen in the step itself
+# (bench/step_ablation.py). Whole-K steps where K fits: each program then has all its bytes in flight at once, which
+# is what a latency-bound GEMV needs; as dependents, wider tiles (more of W asked for before the wait) won on most.
 GEMV_CONFIGS: dict = {
     (3072, 1024): (8, 1024, 4), (1024, 1024): (8, 1024, 4), (4096, 1024): (16, 1024, 4), (1024, 4096): (4, 4096, 4),
-    (8192, 1024): (4, 1024, 4), (512, 1024): (8, 1024, 4), (1024, 512): (8, 512, 4),
+    (8192, 1024): (4, 1024, 4), (512, 1024): (8, 1024, 4), (1024, 512): (8, 512, 4), (256, 1024): (8, 1024, 4),
+    (1024, 256): (8, 256, 4),
     (4608, 1536): (8, 2048, 4), (1536, 1536): (8, 2048, 4), (6144, 1536): (8, 2048, 4), (1536, 6144): (2, 2048, 4),
-    (8192, 1536): (8, 2048, 4), (768, 1536): (8, 2048, 4), (1536, 768): (8, 1024, 4),
+    (8192, 1536): (8, 2048, 4), (768, 1536): (8, 2048, 4), (1536, 768): (8, 1024, 4), (384, 1536): (8, 2048, 4),
+    (1536, 384): (8, 512, 4),
     (6144, 2048): (4, 2048, 4), (2048, 2048): (4, 2048, 4), (8192, 2048): (8, 2048, 4), (2048, 8192): (2, 2048, 4),
-    (1024, 2048): (8, 2048, 4), (2048, 1024): (4, 1024, 4),
+    (1024, 2048): (8, 2048, 4), (2048, 1024): (4, 1024, 4), (512, 2048): (8, 2048, 4), (2048, 512): (8, 512, 4),
 }
 
 
@@ -1224,7 +1235,7 @@ class FastMusicgen:
                                 prefix[B:], prefix[B:B + 1].expand(bb - B, -1, -1)]) if cfg else \
                 torch.cat([prefix, prefix[:1].expand(bb - B, -1, -1)])
         pe = self._positions(P + L)
-        cond_len = 0 if self.melody else _round_up(req.input_ids.shape[1], self.cond_block)
+        cond_len = 0 if self.melody else _cond_bucket(req.input_ids.shape[1], self.cond_block)
         s = self._slot(bb, rows, cond_len, P + L)
         if not self.melody:
             self._cross_kv(s, req, cfg, B, bb)

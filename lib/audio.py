@@ -125,6 +125,17 @@ def normalize(audio: np.ndarray, sample_rate: int, strategy: str) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+def warm_up() -> None:
+    """Import the loudness meter and the encoders now (setup): their first use costs ~0.8 s of imports (scipy), which
+    the first request would otherwise pay."""
+    import tempfile
+
+    noise = np.random.default_rng(0).standard_normal((1, 16000)).astype(np.float32) * 0.1
+    audio = normalize(noise, 16000, "loudness")
+    with tempfile.TemporaryDirectory() as d:
+        write_audio(audio, 16000, "wav", Path(d) / "warm.wav")
+
+
 def write_audio(audio: np.ndarray, sample_rate: int, fmt: str, path: Path) -> Path:
     """Encode (channels, samples) float audio: WAV 16-bit PCM, FLAC 16-bit, MP3 320 kbps CBR."""
     import soundfile

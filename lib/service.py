@@ -130,6 +130,7 @@ class Service:
                 f"{time.perf_counter() - t:.1f}s")
             self._warm_up(name)
         self.mbd = self._load_mbd()
+        audio_io.warm_up()
         from lib.image2music import PromptStage  # image2music / enhance_prompt: captioner and prompt writer
 
         self.prompts = PromptStage.load(self.weights_dir, models, self.device, dtype, log)

@@ -51,11 +51,11 @@ def build(size: str, dtype=torch.float16):
     return model
 
 
-def request(batch, secs, seed=0, top_k=250):
+def request(batch, secs, seed=0, top_k=250, tokens=12, guidance=3.0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 32000, (batch, 12), generator=g).cuda()
+    ids = torch.randint(0, 32000, (batch, tokens), generator=g).cuda()
     return CodesRequest(input_ids=ids, attention_mask=torch.ones_like(ids), new_frames=secs * 50,
-                        sampling=Sampling(top_k=top_k, guidance_scale=3.0))
+                        sampling=Sampling(top_k=top_k, guidance_scale=guidance))
 
 
 def sync():
@@ -185,27 +185,32 @@ def gpu_check(log):
     unf = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1, fused_step=False).generate_codes(
         req, torch.Generator(device="cuda").manual_seed(5))
     res["fp32_fused_vs_unfused_step_equal_tokens"] = bool(torch.equal(unf, ours))
-    # batch 1 (the predictor's case): the fused step folds cross-attention (mf._fold_cross_attention)
+    # batch 1 (the predictor's case): the fused step folds cross-attention (mf._fold_cross_attention); text buckets
+    # of 16, 32 and 64 tokens, with CFG (2 rows) and without (1 row)
+    for tokens, guidance in ((12, 3.0), (20, 1.0), (40, 3.0)):
+        tag = f"fp32_batch1_{tokens}tok_cfg{guidance:g}"
+        req1 = request(1, 1, seed=2, tokens=tokens, guidance=guidance)
+        req1.new_frames = 40
+        torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(6))
+        try:
+            ref1 = reference_generate_codes(model, req1)
+        finally:
+            torch.multinomial = orig
+        fast1 = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1)
+        ours1 = fast1.generate_codes(req1, torch.Generator(device="cuda").manual_seed(6))
+        res[f"{tag}_cross_attention_folded"] = any(s.fold_q is not None for s in fast1._slots.values())
+        res[f"{tag}_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref1, ours1))
+        res[f"{tag}_graph_vs_transformers_token_agreement"] = float((ref1 == ours1).float().mean())
+        mf.CROSS_FOLD = False
+        try:
+            plain = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
+                req1, torch.Generator(device="cuda").manual_seed(6))
+        finally:
+            mf.CROSS_FOLD = True
+        res[f"{tag}_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
+        del fast1
     req1 = request(1, 1, seed=2)
     req1.new_frames = 40
-    torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(6))
-    try:
-        ref1 = reference_generate_codes(model, req1)
-    finally:
-        torch.multinomial = orig
-    fast1 = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1)
-    ours1 = fast1.generate_codes(req1, torch.Generator(device="cuda").manual_seed(6))
-    res["fp32_batch1_cross_attention_folded"] = any(s.fold_q is not None for s in fast1._slots.values())
-    res["fp32_batch1_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref1, ours1))
-    res["fp32_batch1_graph_vs_transformers_token_agreement"] = float((ref1 == ours1).float().mean())
-    mf.CROSS_FOLD = False
-    try:
-        plain = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
-            req1, torch.Generator(device="cuda").manual_seed(6))
-    finally:
-        mf.CROSS_FOLD = True
-    res["fp32_batch1_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
-    del fast1
     del fast
     model = model.half()
     for tag, r_ in (("", req), ("_batch1", req1)):

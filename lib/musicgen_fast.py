@@ -656,7 +656,7 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
     if softmax is not None:  # needs the one-pass form: every score in registers
         assert M == 1 and ln is None and K % softmax[1] == 0
         bk = triton.next_power_of_2(K)
-        bn = min(bn, max(1, 8192 // bk))
+        bn = min(bn, max(1, 8192 // bk))  # a W tile of at most 8192 values in registers
     lw, lb = ln if ln is not None else (w, w)
     if softmax is not None:
         lw = softmax[0]
@@ -745,8 +745,8 @@ def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
     fold_q (H*S, D) = per head, k_h @ wq_h / sqrt(hd): the GEMV of the normed hidden state with it gives every
     head's scores at once; fold_o (D, H*S) = per head, wo_h @ v_h^T: the GEMV of the softmax-ed scores with it
     gives the output projection of the attention. Two GEMVs (_gemv, the second with softmax=) then replace the
-    query GEMV, the attention kernel and the output GEMV, and read H*S*D weights each instead of D*D: half as many
-    bytes than those two D x D matrices while S <= hd (the conditions are in FastMusicgen._folds)."""
+    query GEMV, the attention kernel and the output GEMV, and read H*S*D weights each instead of D*D: fewer bytes
+    while S < hd, as many at S = hd (the conditions are in FastMusicgen._folds)."""
     H, S, hd = k.shape
     D = wq.shape[1]
     fold_q.view(H, S, D).copy_(torch.matmul(k, wq.view(H, hd, D)).mul_(hd ** -0.5))

@@ -220,16 +220,20 @@ if triton is not None:
         key and value bases, pos and the (row, head) index, for the merge."""
         d = tl.arange(0, HD)
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
-        kb = K + r * sk_r + h * sk_h
-        vb = V + r * sk_r + h * sk_h
-        n = tl.load(Pos)
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
-        lo = sp * chunk
-        hi = tl.minimum(lo + chunk, n)
+        kb, vb, n, lo, hi = _split_span(K, V, Pos, r, h, sp, sk_r, sk_h, BLOCK_T, NSPLIT)
         acc, m_i, l_i = _attend_span(q, kb, vb, Q, lo, hi, sk_t, HD=HD, BLOCK_T=BLOCK_T, HAS_BIAS=False)
         rh = r * nh + h
         _store_partial(Part, rh, sp, acc, m_i, l_i, HD, NSPLIT)
         return q, kb, vb, n, rh
+
+    @triton.jit
+    def _split_span(K, V, Pos, r, h, sp, sk_r, sk_h, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr):
+        """Split sp's share [lo, hi) of the cache [0, pos) of (row r, head h), in whole blocks, and the (row, head)
+        key / value bases."""
+        n = tl.load(Pos)
+        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
+        lo = sp * chunk
+        return K + r * sk_r + h * sk_h, V + r * sk_r + h * sk_h, n, lo, tl.minimum(lo + chunk, n)
 
     @triton.jit
     def _store_partial(Part, rh, sp, acc, m_i, l_i, HD: tl.constexpr, NSPLIT: tl.constexpr):
@@ -246,12 +250,7 @@ if triton is not None:
         span (only past NSPLIT * BLOCK_T positions) asked of L2; after the wait only the query is read before
         the scores. Same sums in the same order as _split_partial."""
         d = tl.arange(0, HD)
-        kb = K + r * sk_r + h * sk_h
-        vb = V + r * sk_r + h * sk_h
-        n = tl.load(Pos)
-        chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_T) * BLOCK_T
-        lo = sp * chunk
-        hi = tl.minimum(lo + chunk, n)
+        kb, vb, n, lo, hi = _split_span(K, V, Pos, r, h, sp, sk_r, sk_h, BLOCK_T, NSPLIT)
         t = lo + tl.arange(0, BLOCK_T)
         valid = t < hi
         k = tl.load(kb + t[:, None] * sk_t + d[None, :], mask=valid[:, None], other=0.0)

@@ -2,26 +2,19 @@
 whether cuDNN's autotuner (per shape) helps. GPU only, diagnostic.   python3 bench/encodec_decode.py"""
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from musicgen import build  # noqa: E402
+from musicgen import build, timed  # noqa: E402
 
 
-def timed(fn, reps=5):
+def best_of(fn, reps=5):
+    """Best wall s of `reps` calls, after one untimed call."""
     fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return round(min(ts), 4)
+    return round(min(timed(fn)[1] for _ in range(reps)), 4)
 
 
 model = build("small")
@@ -32,9 +25,9 @@ with torch.inference_mode():
     def decode():
         return codec.decode(codes, [None]).audio_values
 
-    res["decode_s"] = timed(decode)
+    res["decode_s"] = best_of(decode)
     with torch.backends.cudnn.flags(enabled=True, benchmark=True):
-        res["decode_cudnn_benchmark_s"] = timed(decode)
+        res["decode_cudnn_benchmark_s"] = best_of(decode)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decode()

@@ -70,6 +70,27 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def clip_wall(fast, secs, top_k=250, runs=2):
+    """(codes, best wall s) of a batch-1 clip on `fast`, after one untimed call (graph capture, compilation)."""
+    fast.generate_codes(request(1, secs, top_k=top_k), torch.Generator(device="cuda").manual_seed(0))
+    best = None
+    for _ in range(runs):
+        codes, dt = timed(lambda: fast.generate_codes(request(1, secs, top_k=top_k),
+                                                       torch.Generator(device="cuda").manual_seed(1)))
+        best = dt if best is None else min(best, dt)
+    return codes, best
+
+
+def race_reference(model, req, seed):
+    """transformers' generate with torch.multinomial replaced by the exponential race drawing from `seed`."""
+    orig = torch.multinomial
+    torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(seed))
+    try:
+        return reference_generate_codes(model, req)
+    finally:
+        torch.multinomial = orig
+
+
 def gpu_check(log):
     """Correctness on the GPU before timing: (1) full-size small in fp32, our graphs vs transformers' generate
     with the same exponential-race noise (noise_chunk=1 draws exactly what the patched multinomial draws):
@@ -172,12 +193,7 @@ def gpu_check(log):
     model = build("small", torch.float32)
     req = request(2, 1, seed=1)
     req.new_frames = 40
-    orig = torch.multinomial
-    torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(5))
-    try:
-        ref = reference_generate_codes(model, req)
-    finally:
-        torch.multinomial = orig
+    ref = race_reference(model, req, 5)
     fast = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1)
     ours = fast.generate_codes(req, torch.Generator(device="cuda").manual_seed(5))
     res["fp32_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref, ours))
@@ -191,11 +207,7 @@ def gpu_check(log):
         tag = f"fp32_batch1_{tokens}tok_cfg{guidance:g}"
         req1 = request(1, 1, seed=2, tokens=tokens, guidance=guidance)
         req1.new_frames = 40
-        torch.multinomial = race_multinomial(torch.Generator(device="cuda").manual_seed(6))
-        try:
-            ref1 = reference_generate_codes(model, req1)
-        finally:
-            torch.multinomial = orig
+        ref1 = race_reference(model, req1, 6)
         fast1 = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1)
         ours1 = fast1.generate_codes(req1, torch.Generator(device="cuda").manual_seed(6))
         res[f"{tag}_cross_attention_folded"] = any(s.fold_q is not None for s in fast1._slots.values())

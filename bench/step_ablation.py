@@ -15,14 +15,13 @@ Variants:
   12-token prompt then pads to 32."""
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from musicgen import build, request  # noqa: E402
+from musicgen import build, clip_wall  # noqa: E402
 from lib.musicgen_codes import decoding_steps  # noqa: E402
 import lib.musicgen_fast as mf  # noqa: E402
 
@@ -62,15 +61,8 @@ for size in sizes:
     for name in names:
         top_k = configure(name)
         fast = mf.FastMusicgen(model, "cuda", torch.float16)
-        fast.generate_codes(request(1, secs, top_k=top_k), torch.Generator(device="cuda").manual_seed(0))
-        dts = []
-        for _ in range(2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fast.generate_codes(request(1, secs, top_k=top_k), torch.Generator(device="cuda").manual_seed(1))
-            torch.cuda.synchronize()
-            dts.append(time.perf_counter() - t)
-        res[f"{size}.{name}"] = dict(wall_s=round(min(dts), 3), ms_per_step=round(min(dts) / steps * 1000, 3))
+        _, dt = clip_wall(fast, secs, top_k=top_k)
+        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3))
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()

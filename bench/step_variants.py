@@ -10,14 +10,13 @@ results/musicgen-h100-pdl-experiment.diff.)
     python3 bench/step_variants.py small,medium,large [variant,...] [seconds]"""
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from musicgen import build, request  # noqa: E402
+from musicgen import build, clip_wall  # noqa: E402
 from lib.musicgen_codes import decoding_steps  # noqa: E402
 import lib.musicgen_fast as musicgen_fast  # noqa: E402
 from lib.musicgen_fast import FastMusicgen  # noqa: E402
@@ -62,15 +61,7 @@ for size in sizes:
         musicgen_fast.GEMV_CONFIGS.clear()
         musicgen_fast.GEMV_CONFIGS.update(kw.pop("gemv_table", GEMV_CONFIGS))
         fast = FastMusicgen(model, "cuda", torch.float16, **kw)
-        fast.generate_codes(request(1, secs), torch.Generator(device="cuda").manual_seed(0))
-        dts = []
-        for _ in range(2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            codes = fast.generate_codes(request(1, secs), torch.Generator(device="cuda").manual_seed(1))
-            torch.cuda.synchronize()
-            dts.append(time.perf_counter() - t)
-        dt = min(dts)
+        codes, dt = clip_wall(fast, secs)
         agreement = None
         if name.startswith("fused"):
             ref = codes if ref is None else ref

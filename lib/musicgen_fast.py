@@ -116,7 +116,6 @@ if triton is not None:
         one (row, head) of a cache (kb, vb, position stride sk_t), plus bias[t] per key if HAS_BIAS: the
         unnormalized output, the running max and the running sum, in fp32. The loop every attention kernel
         here shares."""
-        d = tl.arange(0, HD)
         m_i = tl.full([], -1e30, tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([HD], dtype=tl.float32)

@@ -12,7 +12,12 @@ Variants:
 - no-topk: top_k 0 (the sampling kernel's sort skipped);
 - gemv-N-K-BNxBKxW[+...]: the (N, K) matrices' GEMV configs in musicgen_fast.GEMV_CONFIGS replaced;
 - cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
-  12-token prompt then pads to 32."""
+  12-token prompt then pads to 32;
+- kernels: the step as separate kernels (session 5), not the persistent kernel (lib/musicgen_persistent.py);
+- persistent kernel settings: pgridN-wW-rR-cC-sS (N programs per SM of W warps, at most R registers, C values of W
+  per chunk, S software-pipeline stages; each part optional), psplitN-btT (self-attention items per
+  (row, head), keys per block), pnocoop (a plain launch instead of a cooperative one), pnosync (no barriers:
+  wrong tokens, the phases' own time)."""
 import json
 import sys
 from pathlib import Path
@@ -24,8 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from musicgen import build, clip_wall  # noqa: E402
 from lib.musicgen_codes import decoding_steps  # noqa: E402
 import lib.musicgen_fast as mf  # noqa: E402
+import lib.musicgen_persistent as mp  # noqa: E402
 
 SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL
+PERSISTENT = dict(CHUNK_ELEMS=mp.CHUNK_ELEMS, NUM_WARPS=mp.NUM_WARPS, SPLIT=mp.SPLIT, COOPERATIVE=mp.COOPERATIVE,
+                  BARRIERS=mp.BARRIERS, PROGRAMS_PER_SM=mp.PROGRAMS_PER_SM, MAXNREG=mp.MAXNREG, STAGES=mp.STAGES)
 GEMV_CONFIGS, COND_BUCKET = dict(mf.GEMV_CONFIGS), mf._cond_bucket
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
@@ -38,7 +46,21 @@ def configure(name):
     mf.GEMV_CONFIGS.clear()
     mf.GEMV_CONFIGS.update(GEMV_CONFIGS)
     mf._cond_bucket = COND_BUCKET
-    if name.startswith("gemv-"):  # gemv-N-K-BNxBKxW[+gemv-...]: matrix shapes' GEMV configs
+    mf.PERSISTENT_STEP = name != "kernels"
+    for key, value in PERSISTENT.items():
+        setattr(mp, key, value)
+    if name.startswith("pgrid"):  # pgridN-wW-rR-cC-sS (above)
+        for part in name[len("pgrid"):].split("-"):
+            key, val = (part[0], part[1:]) if part[0] in "wrcs" else ("n", part)
+            attr = dict(n="PROGRAMS_PER_SM", w="NUM_WARPS", r="MAXNREG", c="CHUNK_ELEMS", s="STAGES")[key]
+            setattr(mp, attr, int(val))
+    elif name.startswith("psplit"):
+        mp.SPLIT = tuple(int(v) for v in name[len("psplit"):].split("-bt"))
+    elif name == "pnocoop":
+        mp.COOPERATIVE = False
+    elif name == "pnosync":
+        mp.BARRIERS = False
+    elif name.startswith("gemv-"):  # gemv-N-K-BNxBKxW[+gemv-...]: matrix shapes' GEMV configs
         for part in name.split("+"):
             _, n, k, cfg = part.split("-")
             mf.GEMV_CONFIGS[(int(n), int(k))] = tuple(int(v) for v in cfg.split("x"))
@@ -61,8 +83,14 @@ for size in sizes:
     for name in names:
         top_k = configure(name)
         fast = mf.FastMusicgen(model, "cuda", torch.float16)
-        _, dt = clip_wall(fast, secs, top_k=top_k)
-        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3))
+        try:
+            _, dt = clip_wall(fast, secs, top_k=top_k)
+        except Exception as e:  # one variant failing (e.g. a launch this driver refuses) must not end the run
+            res[f"{size}.{name}"] = dict(error=f"{type(e).__name__}: {e}"[:300])
+            print(size, name, res[f"{size}.{name}"], flush=True)
+            continue
+        res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3),
+                                     persistent=fast.persistent is not None, **mp.compiled_stats())
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()

@@ -41,6 +41,7 @@ code runs eagerly.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -409,18 +410,11 @@ if triton is not None:
             if RES:
                 r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
             if LN:
-                xf = x.to(tl.float32)
-                mean = tl.sum(xf, axis=1) / K
-                xc = tl.where(xm, xf - mean[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
-                x = ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(X.dtype.element_ty)
-            if SOFTMAX:  # padding past K: finite, so that a padded group's softmax stays finite (its W is 0)
-                sc = tl.where(km[None, :], x.to(tl.float32) + bias[None, :], -1e30)
-                sc = tl.reshape(sc, (BLOCK_M, BLOCK_K // GROUP, GROUP))
-                e = tl.exp(sc - tl.max(sc, axis=2)[:, :, None])
-                x = tl.reshape(e / tl.sum(e, axis=2)[:, :, None], (BLOCK_M, BLOCK_K))
+                x = _layer_norm_rows(x, xm, lw, lb, K, eps)
+            if SOFTMAX:
+                x = _group_softmax(x, km, bias, BLOCK_M, BLOCK_K, GROUP)
             out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            _gemv_epilogue(out, r if RES else out, Y, m, n, mmask, sy, GELU, RES)
+            _gemv_epilogue(out, r if RES else out, Y, m, n, mmask[:, None], sy, GELU, RES)
         else:  # K in several steps
             if PDL:  # the first step's W tile asked for before the wait, as in the one-pass form
                 w0 = tl.load(W + n[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0,
@@ -460,7 +454,7 @@ if triton is not None:
                 acc = _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K, LN)
             if RES:
                 r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-            _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask, sy, GELU, RES)
+            _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask[:, None], sy, GELU, RES)
 
     @triton.jit
     def _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K: tl.constexpr, LN: tl.constexpr):
@@ -476,14 +470,35 @@ if triton is not None:
         return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     @triton.jit
-    def _gemv_epilogue(out, r, Y, m, n, mmask, sy, GELU: tl.constexpr, RES: tl.constexpr):
-        """Y = out (GELU: exact erf GELU of the product rounded to Y's dtype; RES: + r in fp32), rounded once."""
+    def _gemv_epilogue(out, r, Y, m, n, omask, sy, GELU: tl.constexpr, RES: tl.constexpr):
+        """Y[m, n] = out where omask (GELU: exact erf GELU of the product rounded to Y's dtype; RES: + r in fp32),
+        rounded once."""
         if GELU:
             out = out.to(Y.dtype.element_ty).to(tl.float32)
             out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
         if RES:
             out += r
-        tl.store(Y + m[:, None] * sy + n[None, :], out.to(Y.dtype.element_ty), mask=mmask[:, None])
+        tl.store(Y + m[:, None] * sy + n[None, :], out.to(Y.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _layer_norm_rows(x, xm, lw, lb, K, eps):
+        """Layer norm of the rows of x (BLOCK_M, BLOCK_K; the values where xm, K of them per row) with weights lw,
+        lb (fp32): statistics in fp32, rounded to x's dtype as a separate layer norm kernel would."""
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=1) / K
+        xc = tl.where(xm, xf - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
+        return ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(x.dtype)
+
+    @triton.jit
+    def _group_softmax(x, km, bias, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """Softmax of each group of GROUP consecutive scores of x (BLOCK_M, BLOCK_K; valid where km) plus bias (the
+        keys' additive mask). Padding past K gets a finite score, so that a padded group's softmax stays finite (the
+        matrix it multiplies is 0 there)."""
+        sc = tl.where(km[None, :], x.to(tl.float32) + bias[None, :], -1e30)
+        sc = tl.reshape(sc, (BLOCK_M, BLOCK_K // GROUP, GROUP))
+        e = tl.exp(sc - tl.max(sc, axis=2)[:, :, None])
+        return tl.reshape(e / tl.sum(e, axis=2)[:, :, None], (BLOCK_M, BLOCK_K))
 
     @triton.jit
     def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
@@ -506,6 +521,7 @@ if triton is not None:
                 gdc_launch_dependents()
             q, kb, vb, n, rh = _split_partial(Q, K, V, Part, Pos, r, h, tl.program_id(2), tl.num_programs(1), sq_r,
                                               sq_h, sk_r, sk_h, sk_t, scale, HD, BLOCK_T, NSPLIT)
+        tl.debug_barrier()  # every thread's partial stored before the program's one atomic releases them
         done = tl.atomic_add(Cnt + rh, 1, sem="acq_rel")
         if done == NSPLIT - 1:
             d = tl.arange(0, HD)
@@ -524,7 +540,11 @@ if triton is not None:
         rounded), plus the position embedding at kv_pos (added in fp32, rounded)."""
         if TRIGGER:  # as _decode_attn_kernel's
             gdc_launch_dependents()
-        r = tl.program_id(0)
+        _embed_row(Cur, Emb, Pe, Pos, Hout, tl.program_id(0), bb, V1, D, KCB, BLOCK)
+
+    @triton.jit
+    def _embed_row(Cur, Emb, Pe, Pos, Hout, r, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr):
+        """_embed_kernel's row r."""
         b = r % bb
         c = tl.arange(0, BLOCK)
         cm = c < D
@@ -573,10 +593,13 @@ if triton is not None:
         tl.store(Cur + j, new)
 
     @triton.jit
-    def _advance_kernel(A, B, C):
+    def _advance_kernel(A, B, C, Z, ZERO: tl.constexpr = False):
+        """The step's counters + 1; ZERO: the persistent step's barrier count back to 0."""
         tl.store(A, tl.load(A) + 1)
         tl.store(B, tl.load(B) + 1)
         tl.store(C, tl.load(C) + 1)
+        if ZERO:
+            tl.store(Z, 0)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) for 16-bit weights at 1-2 rows (one request, with or without CFG), per (N, K) of the
@@ -756,6 +779,9 @@ def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
 # faster than 16 x 128 and 5-9% faster than 32 x 64; 8 warps were slower)
 SELF_ATTN_SPLIT = (8, 128, 4)
 CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_attention) where it applies
+# the fused step of one request as one persistent kernel (lib/musicgen_persistent.py): off, it was slower on an H100
+# (bench/README.md, session 6: 1.03 against 0.71 ms per step for small, 4.1 against 2.9 for large)
+PERSISTENT_STEP = False
 
 
 class FastMusicgen:
@@ -813,14 +839,21 @@ class FastMusicgen:
         D, ffn = self.D, cfg.ffn_dim
         self.emb = buf(self.K * (self.V + 1), D)  # the K embedding tables, stacked
         self.emb_offsets = (torch.arange(self.K, device=self.device) * (self.V + 1))
+        # each kind of layer weight stacked over the layers (a layer's are views): the persistent step kernel
+        # (lib/musicgen_persistent.py) finds layer i's at a fixed stride
+        L = len(dec.layers)
+        self.stacked = st = dict(ln1=buf(L, 2, D), wqkv=buf(L, 3 * D, D), wo=buf(L, D, D), ln3=buf(L, 2, D),
+                                 fc1=buf(L, ffn, D), fc2=buf(L, D, ffn))
+        if not self.melody:
+            st.update(ln2=buf(L, 2, D), wq_c=buf(L, D, D), wkv_c=buf(L, 2 * D, D), wo_c=buf(L, D, D))
         self.layers = []
-        for _ in dec.layers:
-            lay = _Layer(ln1=(buf(D), buf(D)), wqkv=buf(3 * D, D), wo=buf(D, D), ln3=(buf(D), buf(D)),
-                         fc1=buf(ffn, D), fc2=buf(D, ffn))
+        for i in range(L):
+            lay = _Layer(ln1=tuple(st["ln1"][i]), wqkv=st["wqkv"][i], wo=st["wo"][i], ln3=tuple(st["ln3"][i]),
+                         fc1=st["fc1"][i], fc2=st["fc2"][i])
             if not self.melody:
-                lay.ln2, lay.wq_c, lay.wkv_c, lay.wo_c = (buf(D), buf(D)), buf(D, D), buf(2 * D, D), buf(D, D)
+                lay.ln2, lay.wq_c, lay.wkv_c, lay.wo_c = tuple(st["ln2"][i]), st["wq_c"][i], st["wkv_c"][i], st["wo_c"][i]
             self.layers.append(lay)
-        self.ln_f = (buf(D), buf(D))
+        self.ln_f = tuple(buf(2, D))
         self.heads = buf(self.K * self.V, D)  # (K*V, D)
         self.reload_weights()
         self.n_layers = len(self.layers)
@@ -829,6 +862,12 @@ class FastMusicgen:
         self._kv: dict[int, tuple] = {}
         self._pool = None
         self.on_logits = None  # optional callback(raw logits (rows, K*V)) per step, for the parity tests
+        # the step of one request as one persistent kernel (lib/musicgen_persistent.py) where it applies
+        self.persistent = None
+        if self.fused_step and PERSISTENT_STEP:
+            from .musicgen_persistent import PersistentStep
+
+            self.persistent = PersistentStep(self)
 
     def _weight_pairs(self):
         """(destination, source) for every decoder weight: each destination is a view into this decoder's
@@ -1054,6 +1093,25 @@ class FastMusicgen:
         launch; embedding sum + position in one kernel; CFG, temperature, top-k, softmax, the race and the
         delay mask in one more (top-p and the on_logits hook take the torch path). Where the slot has them
         (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer)."""
+        bb = s.seq.shape[0]
+        persistent = self.persistent is not None and self.persistent.applies(self, s)
+        logits = self.persistent.run(s) if persistent else self._logits_fused(s)
+        use_temp, use_topk, use_topp = mode
+        if use_topp or self.on_logits is not None:
+            self._sample_write(s, logits, cfg, mode)
+            s.kv_pos.add_(1)
+            if persistent:
+                s.pstep["bar"][0].zero_()
+            return
+        _sample_kernel[(bb * self.K,)](
+            logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
+            self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
+            CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
+        _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, s.pstep["bar"] if persistent else s.col, ZERO=persistent,
+                              num_warps=1)
+
+    def _logits_fused(self, s: _Slot) -> torch.Tensor:
+        """The step's logits (rows, K*V) as ~7-8 kernels per layer (_decode_step_fused)."""
         rows, D, H, hd, eps = s.rows, self.D, self.H, self.hd, self.eps
         bb = s.seq.shape[0]
         h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
@@ -1089,18 +1147,7 @@ class FastMusicgen:
                 h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
             f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
             h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)
-        logits = _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl)
-        use_temp, use_topk, use_topp = mode
-        if use_topp or self.on_logits is not None:
-            self._sample_write(s, logits, cfg, mode)
-        else:
-            _sample_kernel[(bb * self.K,)](
-                logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
-                self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
-                CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
-            _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, num_warps=1)
-            return
-        s.kv_pos.add_(1)
+        return _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl)
 
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
         if self.fused and self.fused_step and s.rows <= self.fused_max_rows:
@@ -1290,6 +1337,14 @@ class FastMusicgen:
             else:
                 self._decode_step(s, kv_len, cfg, mode)
             self._report(req, step + 1, steps, events)
+
+        if self.persistent is not None and self.persistent.applies(self, s) and self.persistent.failed(s):
+            # a barrier of the persistent step timed out (its programs were not all resident): its tokens are
+            # wrong. Decode again with the step's separate kernels, and keep to them.
+            warnings.warn("MusicGen: the persistent decode kernel could not synchronize; using the per-layer kernels")
+            self.persistent = None
+            self.release()
+            return self._generate(req, generator)
 
         # de-delay: codebook k (channel-codebook c) holds frames at columns c+1 .. c+t0+new_frames
         n = t0 + req.new_frames

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib.musicgen_codes import CodesRequest, Sampling, decoding_steps, reference_generate_codes  # noqa: E402
 from lib.musicgen_fast import FastMusicgen, race_multinomial  # noqa: E402
+from lib.lstm import fused_lstm  # noqa: E402
 
 # size -> (hidden, layers, heads, codebooks, channels)
 SIZES = {"small": (1024, 24, 16, 4, 1), "medium": (1536, 48, 24, 4, 1), "large": (2048, 48, 32, 4, 1),
@@ -220,6 +221,16 @@ def gpu_check(log):
         finally:
             mf.CROSS_FOLD = True
         res[f"{tag}_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
+        # the persistent step (lib/musicgen_persistent.py) against the same step as separate kernels
+        res[f"{tag}_persistent"] = fast1.persistent is not None
+        saved = mf.PERSISTENT_STEP
+        mf.PERSISTENT_STEP = not saved
+        try:
+            other = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
+                req1, torch.Generator(device="cuda").manual_seed(6))
+        finally:
+            mf.PERSISTENT_STEP = saved
+        res[f"{tag}_persistent_vs_kernels_equal_tokens"] = bool(torch.equal(other, ours1))
         del fast1
     req1 = request(1, 1, seed=2)
     req1.new_frames = 40
@@ -231,6 +242,13 @@ def gpu_check(log):
             r_, torch.Generator(device="cuda").manual_seed(3))
         res[f"fp16{tag}_graph_vs_eager_equal_tokens"] = bool(torch.equal(a, b))
         res[f"fp16{tag}_graph_vs_eager_token_agreement"] = float((a == b).float().mean())
+        saved = mf.PERSISTENT_STEP
+        mf.PERSISTENT_STEP = not saved
+        try:
+            c = FastMusicgen(model, "cuda", torch.float16).generate_codes(r_, torch.Generator(device="cuda").manual_seed(3))
+        finally:
+            mf.PERSISTENT_STEP = saved
+        res[f"fp16{tag}_persistent_vs_kernels_token_agreement"] = float((a == c).float().mean())
     log(json.dumps({"gpu_check": res}))
     del model
     torch.cuda.empty_cache()
@@ -278,8 +296,8 @@ def bench_size(size, secs_list, batches, hf_secs, attn_variants, log):
             _, t5 = timed(lambda: te(input_ids=req.input_ids, attention_mask=req.attention_mask).last_hidden_state)
             codes = fast.generate_codes(req, torch.Generator(device="cuda").manual_seed(0))
 
-            def encodec():
-                with torch.inference_mode():
+            def encodec():  # as the predictor decodes: the LSTM through lib/lstm.py
+                with torch.inference_mode(), fused_lstm(model.audio_encoder.decoder):
                     if ch == 1:
                         return model.audio_encoder.decode(codes[None], [None]).audio_values
                     return torch.cat([model.audio_encoder.decode(codes[None, :, i::2], [None]).audio_values

@@ -19,6 +19,7 @@ from lib import audio as audio_io
 from lib import chroma as chroma_lib
 from lib.catalog import ModelSpec
 from lib.errors import UserError
+from lib.lstm import fused_lstm
 from lib.musicgen_codes import FRAME_RATE, CodesRequest, Sampling, reference_generate_codes
 from lib.params import EXTEND_STRIDE_S, MAX_PROMPT_TOKENS, MUSICGEN_WINDOW_S
 from lib.request import check_window_fits
@@ -112,7 +113,8 @@ class MusicgenEngine:
             gen = torch.Generator(device=self.mbd.device).manual_seed(seed)
             out = self.mbd.decode(torch.cat(streams, dim=0), EncodecCodec(enc), generator=gen)
             return out[:, 0].float().cpu().numpy()
-        out = [enc.decode(s[None], audio_scales=[None]).audio_values[0, 0] for s in streams]
+        with fused_lstm(enc.decoder):  # its LSTM as one launch per layer on CUDA (lib/lstm.py)
+            out = [enc.decode(s[None], audio_scales=[None]).audio_values[0, 0] for s in streams]
         return torch.stack(out).float().cpu().numpy()
 
     def _generate_codes(self, req: CodesRequest, generator: Optional[torch.Generator]) -> torch.Tensor:

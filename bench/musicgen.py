@@ -92,6 +92,19 @@ def race_reference(model, req, seed):
         torch.multinomial = orig
 
 
+def codes_with(flag, value, model, req, seed, dtype, **kw):
+    """Codes of `req` from a fresh FastMusicgen with lib.musicgen_fast.<flag> = value during the call."""
+    import lib.musicgen_fast as mf
+
+    saved = getattr(mf, flag)
+    setattr(mf, flag, value)
+    try:
+        fast = FastMusicgen(model, "cuda", dtype, **kw)
+        return fast.generate_codes(req, torch.Generator(device="cuda").manual_seed(seed))
+    finally:
+        setattr(mf, flag, saved)
+
+
 def gpu_check(log):
     """Correctness on the GPU before timing: (1) full-size small in fp32, our graphs vs transformers' generate
     with the same exponential-race noise (noise_chunk=1 draws exactly what the patched multinomial draws):
@@ -214,22 +227,11 @@ def gpu_check(log):
         res[f"{tag}_cross_attention_folded"] = any(s.fold_q is not None for s in fast1._slots.values())
         res[f"{tag}_graph_vs_transformers_equal_tokens"] = bool(torch.equal(ref1, ours1))
         res[f"{tag}_graph_vs_transformers_token_agreement"] = float((ref1 == ours1).float().mean())
-        mf.CROSS_FOLD = False
-        try:
-            plain = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
-                req1, torch.Generator(device="cuda").manual_seed(6))
-        finally:
-            mf.CROSS_FOLD = True
+        plain = codes_with("CROSS_FOLD", False, model, req1, 6, torch.float32, noise_chunk=1)
         res[f"{tag}_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
         # the persistent step (lib/musicgen_persistent.py) against the same step as separate kernels
         res[f"{tag}_persistent"] = fast1.persistent is not None
-        saved = mf.PERSISTENT_STEP
-        mf.PERSISTENT_STEP = not saved
-        try:
-            other = FastMusicgen(model, "cuda", torch.float32, noise_chunk=1).generate_codes(
-                req1, torch.Generator(device="cuda").manual_seed(6))
-        finally:
-            mf.PERSISTENT_STEP = saved
+        other = codes_with("PERSISTENT_STEP", not mf.PERSISTENT_STEP, model, req1, 6, torch.float32, noise_chunk=1)
         res[f"{tag}_persistent_vs_kernels_equal_tokens"] = bool(torch.equal(other, ours1))
         del fast1
     req1 = request(1, 1, seed=2)
@@ -242,12 +244,7 @@ def gpu_check(log):
             r_, torch.Generator(device="cuda").manual_seed(3))
         res[f"fp16{tag}_graph_vs_eager_equal_tokens"] = bool(torch.equal(a, b))
         res[f"fp16{tag}_graph_vs_eager_token_agreement"] = float((a == b).float().mean())
-        saved = mf.PERSISTENT_STEP
-        mf.PERSISTENT_STEP = not saved
-        try:
-            c = FastMusicgen(model, "cuda", torch.float16).generate_codes(r_, torch.Generator(device="cuda").manual_seed(3))
-        finally:
-            mf.PERSISTENT_STEP = saved
+        c = codes_with("PERSISTENT_STEP", not mf.PERSISTENT_STEP, model, r_, 3, torch.float16)
         res[f"fp16{tag}_persistent_vs_kernels_token_agreement"] = float((a == c).float().mean())
     log(json.dumps({"gpu_check": res}))
     del model

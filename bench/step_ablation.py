@@ -14,8 +14,8 @@ Variants:
 - cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
   12-token prompt then pads to 32;
 - kernels: the step as separate kernels (session 5), not the persistent kernel (lib/musicgen_persistent.py);
-- persistent kernel settings: pgridN-wW-rR-cC-sS (N programs per SM of W warps, at most R registers, C values of W
-  per chunk, S software-pipeline stages; each part optional), psplitN-btT (self-attention items per
+- persistent kernel settings: pgridN-wW-rR-cC (N programs per SM of W warps, at most R registers, C values of W
+  per chunk; each part optional), psplitN-btT (self-attention items per
   (row, head), keys per block), pnocoop (a plain launch instead of a cooperative one), pnosync (no barriers:
   wrong tokens, the phases' own time)."""
 import json
@@ -33,12 +33,26 @@ import lib.musicgen_persistent as mp  # noqa: E402
 
 SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATTN_PDL
 PERSISTENT = dict(CHUNK_ELEMS=mp.CHUNK_ELEMS, NUM_WARPS=mp.NUM_WARPS, SPLIT=mp.SPLIT, COOPERATIVE=mp.COOPERATIVE,
-                  BARRIERS=mp.BARRIERS, PROGRAMS_PER_SM=mp.PROGRAMS_PER_SM, MAXNREG=mp.MAXNREG, STAGES=mp.STAGES)
+                  BARRIERS=mp.BARRIERS, PROGRAMS_PER_SM=mp.PROGRAMS_PER_SM, MAXNREG=mp.MAXNREG)
 GEMV_CONFIGS, COND_BUCKET = dict(mf.GEMV_CONFIGS), mf._cond_bucket
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
     "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
 secs = int(sys.argv[3]) if len(sys.argv) > 3 else 30
+
+
+def compiled_stats() -> dict:
+    """Registers and spills of the persistent step kernel's compiled variants (Triton's internals; {} if they moved)."""
+    out = {}
+    try:
+        for cache in mp._step_kernel.device_caches.values():
+            for kernel in cache[0].values():
+                kernel._init_handles()
+                out.setdefault("regs", []).append(kernel.n_regs)
+                out.setdefault("spills", []).append(kernel.n_spills)
+    except Exception:
+        pass
+    return out
 
 
 def configure(name):
@@ -49,10 +63,10 @@ def configure(name):
     mf.PERSISTENT_STEP = name != "kernels"
     for key, value in PERSISTENT.items():
         setattr(mp, key, value)
-    if name.startswith("pgrid"):  # pgridN-wW-rR-cC-sS (above)
+    if name.startswith("pgrid"):  # pgridN-wW-rR-cC (above)
         for part in name[len("pgrid"):].split("-"):
-            key, val = (part[0], part[1:]) if part[0] in "wrcs" else ("n", part)
-            attr = dict(n="PROGRAMS_PER_SM", w="NUM_WARPS", r="MAXNREG", c="CHUNK_ELEMS", s="STAGES")[key]
+            key, val = (part[0], part[1:]) if part[0] in "wrc" else ("n", part)
+            attr = dict(n="PROGRAMS_PER_SM", w="NUM_WARPS", r="MAXNREG", c="CHUNK_ELEMS")[key]
             setattr(mp, attr, int(val))
     elif name.startswith("psplit"):
         mp.SPLIT = tuple(int(v) for v in name[len("psplit"):].split("-bt"))
@@ -90,7 +104,7 @@ for size in sizes:
             print(size, name, res[f"{size}.{name}"], flush=True)
             continue
         res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3),
-                                     persistent=fast.persistent is not None, **mp.compiled_stats())
+                                     persistent=fast.persistent is not None, **compiled_stats())
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()

@@ -1092,7 +1092,8 @@ class FastMusicgen:
         them, residual adds and GELU in their epilogues, self-attention (split + merge + KV write) in one
         launch; embedding sum + position in one kernel; CFG, temperature, top-k, softmax, the race and the
         delay mask in one more (top-p and the on_logits hook take the torch path). Where the slot has them
-        (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer)."""
+        (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer).
+        With PERSISTENT_STEP (off), the logits of one request come from musicgen_persistent's single kernel."""
         bb = s.seq.shape[0]
         persistent = self.persistent is not None and self.persistent.applies(self, s)
         logits = self.persistent.run(s) if persistent else self._logits_fused(s)

@@ -99,7 +99,7 @@ if triton is not None:
     @triton.jit
     def _gemv_share(w, lw, lb, X, W, Y, R, M, N, K, sx, sy, sr, eps, pid, rpp, BLOCK_M: tl.constexpr,
                     RC: tl.constexpr, BK: tl.constexpr, LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr,
-                    SOFTMAX: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr):
+                    SOFTMAX: tl.constexpr, GROUP: tl.constexpr):
         """Program pid's rows of Y = f(X) @ W^T (_gemv_kernel's one-pass form), with what _gemv_weights asked for.
         LN: X layer-normed with (lw, lb); SOFTMAX: X is fp32 scores, softmax-ed per group of GROUP with lw added;
         GELU / RES (+ R) in the epilogue. X and R were written by other programs: read past L1 (.cg), both asked for
@@ -117,24 +117,13 @@ if triton is not None:
         if SOFTMAX:
             x = _group_softmax(x, km, lw, BLOCK_M, BK, GROUP)
         xf = x.to(tl.float32)
-        if STAGES == 0:
-            for c in range(tl.cdiv(rpp, RC)):
-                w_next = _w_chunk(W, pid, rpp, N, K, c + 1, RC, BK)  # past the share: masked out, no traffic
-                n_next, nm_next = _share_rows(pid, rpp, N, c + 1, RC)
-                r_next = _residual(R, m, n_next, mmask[:, None] & nm_next[None, :], sr, RES)
-                out = tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-                _gemv_epilogue(out, r, Y, m, n, mmask[:, None] & nm[None, :], sy, GELU, RES)
-                w, r, n, nm = w_next, r_next, n_next, nm_next
-        else:  # chunk 0 as above, the others through Triton's software pipeline (STAGES chunks in flight)
+        for c in range(tl.cdiv(rpp, RC)):
+            w_next = _w_chunk(W, pid, rpp, N, K, c + 1, RC, BK)  # past the share: masked out, no traffic
+            n_next, nm_next = _share_rows(pid, rpp, N, c + 1, RC)
+            r_next = _residual(R, m, n_next, mmask[:, None] & nm_next[None, :], sr, RES)
             out = tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             _gemv_epilogue(out, r, Y, m, n, mmask[:, None] & nm[None, :], sy, GELU, RES)
-            for c in tl.range(1, tl.cdiv(rpp, RC), num_stages=STAGES):
-                w = _w_chunk(W, pid, rpp, N, K, c, RC, BK)
-                n, nm = _share_rows(pid, rpp, N, c, RC)
-                om = mmask[:, None] & nm[None, :]
-                r = _residual(R, m, n, om, sr, RES)
-                out = tl.sum(xf[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-                _gemv_epilogue(out, r, Y, m, n, om, sy, GELU, RES)
+            w, r, n, nm = w_next, r_next, n_next, nm_next
 
     @triton.jit
     def _residual(R, m, n, om, sr, RES: tl.constexpr):
@@ -198,8 +187,7 @@ if triton is not None:
     @triton.jit
     def _gemv_phase(X, W, Y, R, LW, M, N, K, sx, sy, sr, eps, pid, nprog, Bar, Err, g, g_lo, dead,
                     SYNC: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr, BK: tl.constexpr, LN: tl.constexpr,
-                    GELU: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr, GROUP: tl.constexpr,
-                    STAGES: tl.constexpr):
+                    GELU: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr, GROUP: tl.constexpr):
         """GEMV phase g: ask for this program's weights, wait for phase g - 1 (unless g starts the launch), then
         compute this program's rows (_gemv_share)."""
         rpp = tl.cdiv(N, nprog)
@@ -207,7 +195,7 @@ if triton is not None:
         if g > g_lo:
             _grid_sync(Bar, Err, (g - g_lo) * nprog, dead, SYNC)
         _gemv_share(w, lw, lb, X, W, Y, R, M, N, K, sx, sy, sr, eps, pid, rpp, BLOCK_M, RC, BK, LN, GELU, RES,
-                    SOFTMAX, GROUP, STAGES)
+                    SOFTMAX, GROUP)
 
     @triton.jit
     def _step_kernel(Cur, Pos, Hs, QKV, Att, Sc, Ff, Logits, Part, Cnt, Bar, Err,
@@ -217,7 +205,7 @@ if triton is not None:
                      S: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      RC_QKV: tl.constexpr, RC_O: tl.constexpr, RC_SC: tl.constexpr, RC_X: tl.constexpr,
                      RC_F1: tl.constexpr, RC_F2: tl.constexpr, RC_HEAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                     NSPLIT: tl.constexpr, SYNC: tl.constexpr, STAGES: tl.constexpr = 0):
+                     NSPLIT: tl.constexpr, SYNC: tl.constexpr):
         """Phases g_lo .. g_hi - 1 of the decode step (module docstring). Phase 0 is the embedding; layer l's
         phases start at 1 + l * NPH (NPH = 7 with the folded cross-attention, S its text bucket; 5 without, melody);
         the heads are the last. BD, BF, BS: D, FFN and NH * S rounded up to powers of two; RC_*: rows of W per
@@ -237,7 +225,7 @@ if triton is not None:
                 if (g >= g_lo) & (g < g_hi):  # qkv = LN1(h) @ Wqkv^T
                     _gemv_phase(Hs, Wqkv + ll * 3 * D * D, QKV, QKV, Ln1 + ll * 2 * D, rows, 3 * D, D, D, 3 * D, 0,
                                 eps, pid, nprog, Bar, Err, g, g_lo, dead, SYNC, BLOCK_M, RC_QKV, BD, True, False, False,
-                                False, 1, STAGES)
+                                False, 1)
                 g += 1
                 if (g >= g_lo) & (g < g_hi):  # self-attention over the cache + the new key / value (written at pos)
                     kc = Kc + ll * sk_l
@@ -251,30 +239,28 @@ if triton is not None:
                 g += 1
                 if (g >= g_lo) & (g < g_hi):  # h += attn @ Wo^T
                     _gemv_phase(Att, Wo + ll * D * D, Hs, Hs, Hs, rows, D, D, D, D, D, eps, pid, nprog, Bar, Err, g,
-                                g_lo, dead, SYNC, BLOCK_M, RC_O, BD, False, False, True, False, 1, STAGES)
+                                g_lo, dead, SYNC, BLOCK_M, RC_O, BD, False, False, True, False, 1)
                 g += 1
                 if S > 0:  # cross-attention of row 0, folded (musicgen_fast._fold_cross_attention)
                     if (g >= g_lo) & (g < g_hi):  # scores = LN2(h[0]) @ fold_q^T (fp32)
                         _gemv_phase(Hs, FoldQ + ll * HS * D, Sc, Sc, Ln2 + ll * 2 * D, 1, HS, D, D, HS, 0, eps, pid,
-                                    nprog, Bar, Err, g, g_lo, dead, SYNC, 1, RC_SC, BD, True, False, False, False, 1,
-                                    STAGES)
+                                    nprog, Bar, Err, g, g_lo, dead, SYNC, 1, RC_SC, BD, True, False, False, False, 1)
                     g += 1
                     if (g >= g_lo) & (g < g_hi):  # h[0] += softmax(scores + text mask, per head) @ fold_o^T
                         _gemv_phase(Sc, FoldO + ll * D * HS, Hs, Hs, CBias, 1, D, HS, HS, D, D, eps, pid, nprog, Bar,
-                                    Err, g, g_lo, dead, SYNC, 1, RC_X, BS, False, False, True, True, S, STAGES)
+                                    Err, g, g_lo, dead, SYNC, 1, RC_X, BS, False, False, True, True, S)
                     g += 1
                 if (g >= g_lo) & (g < g_hi):  # f = gelu(LN3(h) @ fc1^T)
                     _gemv_phase(Hs, Fc1 + ll * FFN * D, Ff, Ff, Ln3 + ll * 2 * D, rows, FFN, D, D, FFN, 0, eps, pid,
-                                nprog, Bar, Err, g, g_lo, dead, SYNC, BLOCK_M, RC_F1, BD, True, True, False, False, 1,
-                                STAGES)
+                                nprog, Bar, Err, g, g_lo, dead, SYNC, BLOCK_M, RC_F1, BD, True, True, False, False, 1)
                 g += 1
                 if (g >= g_lo) & (g < g_hi):  # h += f @ fc2^T
                     _gemv_phase(Ff, Fc2 + ll * D * FFN, Hs, Hs, Hs, rows, D, FFN, FFN, D, D, eps, pid, nprog, Bar,
-                                Err, g, g_lo, dead, SYNC, BLOCK_M, RC_F2, BF, False, False, True, False, 1, STAGES)
+                                Err, g, g_lo, dead, SYNC, BLOCK_M, RC_F2, BF, False, False, True, False, 1)
         g = 1 + n_layers * NPH
         if (g >= g_lo) & (g < g_hi):  # logits = LN_f(h) @ heads^T
             _gemv_phase(Hs, Heads, Logits, Logits, LnF, rows, NV, D, D, NV, 0, eps, pid, nprog, Bar, Err, g, g_lo,
-                        dead, SYNC, BLOCK_M, RC_HEAD, BD, True, False, False, False, 1, STAGES)
+                        dead, SYNC, BLOCK_M, RC_HEAD, BD, True, False, False, False, 1)
 
 
 def _rows_per_chunk(N: int, K: int, programs: int) -> int:
@@ -292,7 +278,6 @@ NUM_WARPS = 8
 MAXNREG = None
 SPLIT = (8, 128)  # self-attention work items per (row, head) and keys per block
 COOPERATIVE = True  # launch cooperatively (the driver guarantees that every program is resident, or fails)
-STAGES = 0  # 0: each program's next chunk asked for by hand; N: Triton's software pipeline, N chunks in flight
 BARRIERS = True  # False only to time the phases without their barriers (bench/step_ablation.py; wrong tokens)
 
 
@@ -304,7 +289,6 @@ class PersistentStep:
         self.fast = fast
         dev = fast.device
         self.sms = 4 if INTERPRET or dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
-        self.cooperative = COOPERATIVE
 
     @staticmethod
     def applies(fast, slot) -> bool:
@@ -350,13 +334,13 @@ class PersistentStep:
                     BLOCK_M=p2(s.rows), RC_QKV=_rows_per_chunk(3 * f.D, f.D, P), RC_O=_rows_per_chunk(f.D, f.D, P),
                     RC_SC=_rows_per_chunk(hs, f.D, P), RC_X=_rows_per_chunk(f.D, hs, P),
                     RC_F1=_rows_per_chunk(ffn, f.D, P), RC_F2=_rows_per_chunk(f.D, ffn, P),
-                    RC_HEAD=_rows_per_chunk(nv, f.D, P), BLOCK_T=SPLIT[1], NSPLIT=SPLIT[0], STAGES=STAGES)
+                    RC_HEAD=_rows_per_chunk(nv, f.D, P), BLOCK_T=SPLIT[1], NSPLIT=SPLIT[0])
         grid = (P,)
         if INTERPRET or not f.cuda:  # programs run one after another: one launch per phase, no barriers
             for g in range(total):
                 _step_kernel[grid](*args, g, g + 1, SYNC=False, **meta)
         else:
-            extra = {"launch_cooperative_grid": True} if self.cooperative else {}
+            extra = {"launch_cooperative_grid": True} if COOPERATIVE else {}
             if MAXNREG:
                 extra["maxnreg"] = MAXNREG
             _step_kernel[grid](*args, 0, total, SYNC=BARRIERS, num_warps=NUM_WARPS, **meta, **extra)
@@ -372,16 +356,3 @@ class PersistentStep:
         b["bar"].zero_()
         return bad
 
-
-def compiled_stats() -> dict:
-    """Registers and spills of the step kernel's compiled variants (diagnostics for bench/)."""
-    out = {}
-    try:
-        for cache in _step_kernel.device_caches.values():
-            for kernel in cache[0].values():
-                kernel._init_handles()
-                out.setdefault("regs", []).append(kernel.n_regs)
-                out.setdefault("spills", []).append(kernel.n_spills)
-    except Exception:  # pragma: no cover (another Triton's internals)
-        pass
-    return out

@@ -201,6 +201,18 @@ def gpu_check(log):
             mf._gemv(sc, fo, res=out[:1], out=out[:1], softmax=(torch.where(valid, 0.0, -1e30), S_))
             res[f"triton_folded_cross_attn_h{H_}_s{S_}_rel_err"] = float((out[:1].float() - h_[:1].float() - ref).norm() / ref.norm())
             res[f"triton_folded_cross_attn_h{H_}_s{S_}_row1_kept"] = bool(torch.equal(out[1], h_[1]))
+            # the scores GEMV before the norm (CROSS_LN_FOLD): h_ is h_in + attn @ wos^T, the GEMV reads [attn | h_in]
+            wos = torch.randn(D_, D_, device="cuda", dtype=torch.float16) * D_ ** -0.5
+            att = torch.randn(1, D_, device="cuda", dtype=torch.float16)
+            cat = torch.cat([att, (h_[:1].float() - att.float() @ wos.float().t()).half()], dim=1)
+            fr = torch.empty(H_ * S_, 2 * D_, device="cuda", dtype=torch.float16)
+            fb = torch.empty(H_ * S_, device="cuda")
+            mf._fold_cross_attention(k_, v_, wq, wo, fq, fo, ln=(lw, lb), wo_self=wos, fold_r=fr, fold_b=fb)
+            hb = torch.cat([h_[:1], h_]).clone()
+            sc = torch.full((1, H_ * S_), float("nan"), device="cuda")
+            mf._gemv(cat, fr, out=sc)
+            mf._gemv(sc, fo, res=hb[1:2], out=hb[:1], softmax=(torch.where(valid, 0.0, -1e30), S_), lnstat=fb)
+            res[f"triton_ln_folded_cross_attn_h{H_}_s{S_}_rel_err"] = float((hb[:1].float() - h_[:1].float() - ref).norm() / ref.norm())
         log(json.dumps({"kernel_check": res}))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -229,6 +241,9 @@ def gpu_check(log):
         res[f"{tag}_graph_vs_transformers_token_agreement"] = float((ref1 == ours1).float().mean())
         plain = codes_with("CROSS_FOLD", False, model, req1, 6, torch.float32, noise_chunk=1)
         res[f"{tag}_folded_vs_unfolded_equal_tokens"] = bool(torch.equal(plain, ours1))
+        res[f"{tag}_scores_before_norm"] = any(s.fold_r is not None for s in fast1._slots.values())
+        plain = codes_with("CROSS_LN_FOLD", False, model, req1, 6, torch.float32, noise_chunk=1)
+        res[f"{tag}_scores_before_norm_vs_after_equal_tokens"] = bool(torch.equal(plain, ours1))
         # the persistent step (lib/musicgen_persistent.py) against the same step as separate kernels
         res[f"{tag}_persistent"] = fast1.persistent is not None
         other = codes_with("PERSISTENT_STEP", not mf.PERSISTENT_STEP, model, req1, 6, torch.float32, noise_chunk=1)

@@ -11,9 +11,11 @@ Variants:
 - no-attn-pdl: the attention kernels launched normally (keys / values not asked for before the previous kernel ends);
 - no-topk: top_k 0 (the sampling kernel's sort skipped);
 - gemv-N-K-BNxBKxW[+...]: the (N, K) matrices' GEMV configs in musicgen_fast.GEMV_CONFIGS replaced;
+- norm-fold-off / norm-fold-on: the cross-attention's scores GEMV after the layer norm, its own dependent kernel
+  (before session 7), or beside the out projection at every width (musicgen_fast.CROSS_LN_FOLD, _MAX_D);
 - cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
   12-token prompt then pads to 32;
-- kernels: the step as separate kernels (session 5), not the persistent kernel (lib/musicgen_persistent.py);
+- persistent: the persistent kernel (lib/musicgen_persistent.py, off in lib), as are the p* variants below;
 - persistent kernel settings: pgridN-wW-rR-cC (N programs per SM of W warps, at most R registers, C values of W
   per chunk; each part optional), psplitN-btT (self-attention items per
   (row, head), keys per block), pnocoop (a plain launch instead of a cooperative one), pnosync (no barriers:
@@ -35,6 +37,7 @@ SPLIT, SELF_ATTEND, ATTN_PDL = mf.SELF_ATTN_SPLIT, mf._self_attend_fused, mf.ATT
 PERSISTENT = dict(CHUNK_ELEMS=mp.CHUNK_ELEMS, NUM_WARPS=mp.NUM_WARPS, SPLIT=mp.SPLIT, COOPERATIVE=mp.COOPERATIVE,
                   BARRIERS=mp.BARRIERS, PROGRAMS_PER_SM=mp.PROGRAMS_PER_SM, MAXNREG=mp.MAXNREG)
 GEMV_CONFIGS, COND_BUCKET = dict(mf.GEMV_CONFIGS), mf._cond_bucket
+LN_FOLD, LN_FOLD_MAX_D = mf.CROSS_LN_FOLD, mf.CROSS_LN_FOLD_MAX_D
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
     "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
@@ -60,7 +63,9 @@ def configure(name):
     mf.GEMV_CONFIGS.clear()
     mf.GEMV_CONFIGS.update(GEMV_CONFIGS)
     mf._cond_bucket = COND_BUCKET
-    mf.PERSISTENT_STEP = name != "kernels"
+    mf.CROSS_LN_FOLD = LN_FOLD and name != "norm-fold-off"
+    mf.CROSS_LN_FOLD_MAX_D = 1 << 30 if name == "norm-fold-on" else LN_FOLD_MAX_D
+    mf.PERSISTENT_STEP = name == "persistent" or name.startswith(("pgrid", "psplit", "pnocoop", "pnosync"))
     for key, value in PERSISTENT.items():
         setattr(mp, key, value)
     if name.startswith("pgrid"):  # pgridN-wW-rR-cC (above)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -366,7 +367,8 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
                      ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
-                     GROUP: tl.constexpr = 1):
+                     GROUP: tl.constexpr = 1, LATE: tl.constexpr = False, LNSTAT_D: tl.constexpr = 0,
+                     LNSTAT_BD: tl.constexpr = 1):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
@@ -382,7 +384,14 @@ if triton is not None:
         once past the wait it lets the next kernel launch (one kernel waiting at a time).
         SOFTMAX (ONE_PASS, one row): x is fp32 scores of consecutive groups of GROUP keys (one group per head); the
         program adds LW[k % GROUP] (the keys' additive mask) and takes the softmax of each group before the product:
-        the output half of the folded cross-attention (_fold_cross_attention)."""
+        the output half of the folded cross-attention (_fold_cross_attention).
+        LATE (with PDL): a dependent that reads nothing the previous kernel writes (it reads what the kernel before
+        that wrote, complete once the previous kernel passed its own wait, which is when this one launches): it
+        lets the next kernel launch at once, computes, and waits for the previous kernel only at its end, so that
+        the kernel after it still follows both. It runs alongside the previous kernel instead of after it.
+        LNSTAT_D (with SOFTMAX): the scores arrive without their layer norm (_fold_cross_attention's fold_r): the
+        program takes the statistics of the D = LNSTAT_D values at R (the normed row, which is also the residual)
+        and makes them scores * rstd + LB[k] (fold_b) before the softmax."""
         pid = tl.program_id(0)
         if PREFETCH:
             lane = pid * 128 + tl.arange(0, 128)
@@ -402,8 +411,11 @@ if triton is not None:
                 lb = tl.load(LB + kk, mask=km, other=0.0).to(tl.float32)
             if SOFTMAX:
                 bias = tl.load(LW + kk % GROUP)
+                if LNSTAT_D > 0:
+                    sbias = tl.load(LB + kk, mask=km, other=0.0)
             if PDL:
-                gdc_wait()
+                if not LATE:
+                    gdc_wait()
                 gdc_launch_dependents()
             xm = mmask[:, None] & km[None, :]
             x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
@@ -412,6 +424,8 @@ if triton is not None:
             if LN:
                 x = _layer_norm_rows(x, xm, lw, lb, K, eps)
             if SOFTMAX:
+                if LNSTAT_D > 0:
+                    x = x * _row_rstd(R, LNSTAT_D, LNSTAT_BD, eps) + sbias[None, :]
                 x = _group_softmax(x, km, bias, BLOCK_M, BLOCK_K, GROUP)
             out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             _gemv_epilogue(out, r if RES else out, Y, m, n, mmask[:, None], sy, GELU, RES)
@@ -419,7 +433,8 @@ if triton is not None:
             if PDL:  # the first step's W tile asked for before the wait, as in the one-pass form
                 w0 = tl.load(W + n[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0,
                              eviction_policy="evict_first")
-                gdc_wait()
+                if not LATE:
+                    gdc_wait()
                 gdc_launch_dependents()
             if LN:
                 s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -455,6 +470,17 @@ if triton is not None:
             if RES:
                 r = tl.load(R + m[:, None] * sr + n[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
             _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask[:, None], sy, GELU, RES)
+        if LATE:
+            gdc_wait()
+
+    @triton.jit
+    def _row_rstd(R, D: tl.constexpr, BD: tl.constexpr, eps):
+        """1 / sqrt(var + eps) of the D values at R (fp32 statistics, two passes in registers, as a layer norm's)."""
+        d = tl.arange(0, BD)
+        dm = d < D
+        x = tl.load(R + d, mask=dm, other=0.0).to(tl.float32)
+        xc = tl.where(dm, x - tl.sum(x, axis=0) / D, 0.0)
+        return tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
 
     @triton.jit
     def _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K: tl.constexpr, LN: tl.constexpr):
@@ -534,16 +560,16 @@ if triton is not None:
             tl.atomic_xchg(Cnt + rh, 0)
 
     @triton.jit
-    def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr,
+    def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, sh, KCB: tl.constexpr, BLOCK: tl.constexpr,
                       TRIGGER: tl.constexpr = False):
-        """Row r of the decoder input: sum over codebooks of the embedding of cur[r % bb, k] (fp32 sum,
-        rounded), plus the position embedding at kv_pos (added in fp32, rounded)."""
+        """Row r of the decoder input (at Hout + r * sh): sum over codebooks of the embedding of cur[r % bb, k]
+        (fp32 sum, rounded), plus the position embedding at kv_pos (added in fp32, rounded)."""
         if TRIGGER:  # as _decode_attn_kernel's
             gdc_launch_dependents()
-        _embed_row(Cur, Emb, Pe, Pos, Hout, tl.program_id(0), bb, V1, D, KCB, BLOCK)
+        _embed_row(Cur, Emb, Pe, Pos, Hout, tl.program_id(0), bb, V1, D, sh, KCB, BLOCK)
 
     @triton.jit
-    def _embed_row(Cur, Emb, Pe, Pos, Hout, r, bb, V1, D, KCB: tl.constexpr, BLOCK: tl.constexpr):
+    def _embed_row(Cur, Emb, Pe, Pos, Hout, r, bb, V1, D, sh, KCB: tl.constexpr, BLOCK: tl.constexpr):
         """_embed_kernel's row r."""
         b = r % bb
         c = tl.arange(0, BLOCK)
@@ -555,7 +581,7 @@ if triton is not None:
         pos = tl.load(Pos)
         pe = tl.load(Pe + pos * D + c, mask=cm, other=0.0).to(tl.float32)
         e = acc.to(Hout.dtype.element_ty).to(tl.float32)
-        tl.store(Hout + r * D + c, (e + pe).to(Hout.dtype.element_ty), mask=cm)
+        tl.store(Hout + r * sh + c, (e + pe).to(Hout.dtype.element_ty), mask=cm)
 
     @triton.jit
     def _sample_kernel(L, Noise, NoiseI, Delay, Col, Seq, Cur, Scale, Temp, TopK, bb, KCB, V, sl, sn_c, sd_b, sd_k,
@@ -665,10 +691,12 @@ def _prefetch_ok(device) -> bool:
 
 
 def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None, pdl=False,
-          softmax=None):
+          softmax=None, lnstat=None, late=False):
     """x (M, K) rows with unit last stride, w (N, K) contiguous -> (M, N), see _gemv_kernel.
     prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start).
-    softmax: (bias (group,) fp32, group): x (1, K) are scores, softmax-ed per group of keys with the bias added."""
+    softmax: (bias (group,) fp32, group): x (1, K) are scores, softmax-ed per group of keys with the bias added.
+    lnstat (with softmax): (K,) fp32: the scores are x * rstd(res) + lnstat (_gemv_kernel's LNSTAT_D).
+    late (with pdl): reads nothing the previous kernel writes (_gemv_kernel's LATE)."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
@@ -681,6 +709,9 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
     lw, lb = ln if ln is not None else (w, w)
     if softmax is not None:
         lw = softmax[0]
+    if lnstat is not None:
+        assert softmax is not None and res is not None and res.shape[0] == 1
+        lb = lnstat
     r = res if res is not None else out
     grid = triton.cdiv(N, bn)
     pf, chunk, last = w, 16, 0
@@ -694,7 +725,10 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
         GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
         ONE_PASS=(GEMV_ONE_PASS or softmax is not None) and bk >= K, PDL=pdl, SOFTMAX=softmax is not None,
-        GROUP=softmax[1] if softmax is not None else 1, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        GROUP=softmax[1] if softmax is not None else 1, LATE=late and pdl,
+        LNSTAT_D=res.shape[1] if lnstat is not None else 0,
+        LNSTAT_BD=triton.next_power_of_2(res.shape[1]) if lnstat is not None else 1,
+        num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -757,21 +791,37 @@ class _Slot:
     cnt: torch.Tensor | None = None  # (rows * H,) int32 zeros: the fused self-attention's split counters
     fold_q: torch.Tensor | None = None  # (L, H * cond_len, D), fold_o: (L, D, H * cond_len): the folded
     fold_o: torch.Tensor | None = None  # cross-attention of the one conditioned row (_fold_cross_attention)
+    fold_r: torch.Tensor | None = None  # (L, H * cond_len, 2 D) and fold_b (L, H * cond_len) fp32: the scores
+    fold_b: torch.Tensor | None = None  # before the layer norm's statistics (CROSS_LN_FOLD, _fold_cross_attention)
     graphs: dict = field(default_factory=dict)
 
 
-def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
+def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o, ln=None, wo_self=None, fold_r=None, fold_b=None):
     """Cross-attention of one row against fixed text keys / values, folded into two matrices (fused step).
     k, v (H, S, hd): the row's cached text keys / values; wq, wo (D, D): the layer's query / output projections.
     fold_q (H*S, D) = per head, k_h @ wq_h / sqrt(hd): the GEMV of the normed hidden state with it gives every
     head's scores at once; fold_o (D, H*S) = per head, wo_h @ v_h^T: the GEMV of the softmax-ed scores with it
     gives the output projection of the attention. Two GEMVs (_gemv, the second with softmax=) then replace the
     query GEMV, the attention kernel and the output GEMV, and read H*S*D weights each instead of D*D: fewer bytes
-    while S < hd, as many at S = hd (the conditions are in FastMusicgen._folds)."""
+    while S < hd, as many at S = hd (the conditions are in FastMusicgen._folds).
+    fold_r, fold_b (CROSS_LN_FOLD): the scores GEMV moved before the layer norm, so that it needs no kernel of its
+    own. With LN(h) = (h - mean) * rstd * g + b: scores = fold_q @ LN(h) = rstd * (A_c @ h) + fold_q @ b, where
+    A = fold_q * g (columns) and A_c = A minus its row means (A_c @ h = A @ (h - mean), no cancellation after the
+    sum). And h = h_in + wo_self @ attn (the self-attention's out projection), so A_c @ h = [A_c @ wo_self | A_c] @
+    [attn | h_in]: fold_r (H*S, 2D) = [A_c @ wo_self | A_c], a GEMV of inputs that exist before that projection
+    runs; fold_b = fold_q @ b. The softmax GEMV then takes rstd from h (_gemv_kernel's LNSTAT_D)."""
     H, S, hd = k.shape
     D = wq.shape[1]
-    fold_q.view(H, S, D).copy_(torch.matmul(k, wq.view(H, hd, D)).mul_(hd ** -0.5))
+    fq = torch.matmul(k, wq.view(H, hd, D)).mul_(hd ** -0.5).view(H * S, D)
+    fold_q.copy_(fq)
     fold_o.view(D, H, S).copy_(torch.matmul(v, wo.view(D, H, hd).permute(1, 2, 0)).permute(2, 0, 1))
+    if fold_r is not None:  # in fp32, rounded once
+        fq = fq.float()
+        a = fq * ln[0].float()
+        a -= a.mean(dim=1, keepdim=True)
+        fold_r[:, :D].copy_(a @ wo_self.float())
+        fold_r[:, D:].copy_(a)
+        fold_b.copy_(fq @ ln[1].float())
 
 
 # the fused step's self-attention: programs per (row, head), keys per block, warps (bench/step_ablation.py, 30 s clips
@@ -779,6 +829,13 @@ def _fold_cross_attention(k, v, wq, wo, fold_q, fold_o):
 # faster than 16 x 128 and 5-9% faster than 32 x 64; 8 warps were slower)
 SELF_ATTN_SPLIT = (8, 128, 4)
 CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_attention) where it applies
+# with CROSS_FOLD, the scores GEMV before the layer norm, alongside the out projection (fold_r): 6 dependent kernels
+# per layer instead of 7, for models up to CROSS_LN_FOLD_MAX_D wide. Measured on an H100 (30 s clips, same run,
+# bench/results/musicgen-h100-session7-ablation.txt): small (1024) 0.71 -> 0.69 ms per step; medium (1536) and large
+# (2048) 2% slower (2.24 -> 2.29, 2.94 -> 2.99): their scores GEMVs (2.4 / 4.2 MB, twice fold_q's bytes) beside the
+# out projection cost more than the dependent kernel they save
+CROSS_LN_FOLD = True
+CROSS_LN_FOLD_MAX_D = 1024
 # the fused step of one request as one persistent kernel (lib/musicgen_persistent.py): off, it was slower on an H100
 # (bench/README.md, session 6: 1.03 against 0.71 ms per step for small, 4.1 against 2.9 for large)
 PERSISTENT_STEP = False
@@ -975,6 +1032,9 @@ class FastMusicgen:
         if self._folds(bb, rows, cond_len):
             slot.fold_q = torch.empty(self.n_layers, self.H * cond_len, self.D, device=dev, dtype=dt)
             slot.fold_o = torch.empty(self.n_layers, self.D, self.H * cond_len, device=dev, dtype=dt)
+            if CROSS_LN_FOLD and self.D <= CROSS_LN_FOLD_MAX_D:
+                slot.fold_r = torch.empty(self.n_layers, self.H * cond_len, 2 * self.D, device=dev, dtype=dt)
+                slot.fold_b = torch.empty(self.n_layers, self.H * cond_len, device=dev, dtype=torch.float32)
         self._slots[(bb, rows, cond_len)] = slot
         return slot
 
@@ -1092,7 +1152,8 @@ class FastMusicgen:
         them, residual adds and GELU in their epilogues, self-attention (split + merge + KV write) in one
         launch; embedding sum + position in one kernel; CFG, temperature, top-k, softmax, the race and the
         delay mask in one more (top-p and the on_logits hook take the torch path). Where the slot has them
-        (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer).
+        (FastMusicgen._folds), cross-attention is the two GEMVs of _fold_cross_attention (7 kernels per layer; 6
+        dependent ones where the scores GEMV runs before the norm, CROSS_LN_FOLD).
         With PERSISTENT_STEP (off), the logits of one request come from musicgen_persistent's single kernel."""
         bb = s.seq.shape[0]
         persistent = self.persistent is not None and self.persistent.applies(self, s)
@@ -1115,12 +1176,18 @@ class FastMusicgen:
         """The step's logits (rows, K*V) as ~7-8 kernels per layer (_decode_step_fused)."""
         rows, D, H, hd, eps = s.rows, self.D, self.H, self.hd, self.eps
         bb = s.seq.shape[0]
-        h = torch.empty(rows, D, device=self.device, dtype=self.dtype)
+        new = partial(torch.empty, device=self.device, dtype=self.dtype)
+        # CROSS_LN_FOLD: a layer's input h and its attention output side by side in one buffer (rows, 2D), the
+        # input of the scores GEMV (fold_r); h after the out projection in rows 1.. of hb, after the cross-attention
+        # (row 0 only) in hb's row 0: so hb[0::2] is every row's h after both
+        lnfold = s.fold_r is not None
+        cat = new(rows, 2 * D) if lnfold else None
+        h = cat[:, D:] if lnfold else new(rows, D)
         pdl = GEMV_PDL and _pdl_ok(self.device)  # GEMVs launched as programmatic dependents, see _gemv_kernel
         # and the attention kernels, their keys / values asked of L2 before the wait (bulk prefetches take 16-byte
         # multiples: a cache row of hd values must be one)
         attn_pdl = pdl and ATTN_PDL and hd * torch.finfo(self.dtype).bits // 8 % 16 == 0
-        _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, KCB=self.K,
+        _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, h.stride(0), KCB=self.K,
                                BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
         order = [w for lay in self.layers for w in (lay.wqkv, lay.wo, lay.wq_c, lay.wo_c, lay.fc1, lay.fc2)
@@ -1132,22 +1199,37 @@ class FastMusicgen:
 
         for i, lay in enumerate(self.layers):
             qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl).view(rows, 3, H, hd)
-            a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
+            a = cat[:, :D].view(rows, H, hd) if lnfold else new(rows, H, hd)
             _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl,
                                pdl=attn_pdl, nsplit=SELF_ATTN_SPLIT[0], block_t=SELF_ATTN_SPLIT[1],
                                num_warps=SELF_ATTN_SPLIT[2])
-            h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
-            if s.fold_q is not None:  # cross-attention of row 0 as two GEMVs (the unconditioned row's is 0)
+            if lnfold:  # cross-attention of row 0 folded, its scores GEMV beside the out projection (late: it
+                # waits for the projection only at its end), the softmax GEMV taking the norm's rstd from hb[1]
+                hb = new(rows + 1, D)
+                _gemv(cat[:, :D], lay.wo, res=h, out=hb[1:], pdl=pdl)
+                sc = torch.empty(1, s.fold_r.shape[1], device=self.device, dtype=torch.float32)
+                _gemv(cat[:1], s.fold_r[i], out=sc, pdl=pdl, late=True)
+                _gemv(sc, s.fold_o[i], res=hb[1:2], out=hb[:1], softmax=(s.cbias[0], s.cond_len),
+                      lnstat=s.fold_b[i], pdl=pdl)
+                h = hb[0::2]
+            else:
+                h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
+            if s.fold_q is not None and not lnfold:  # cross-attention of row 0 as two GEMVs (the
+                # unconditioned row's is 0)
                 sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)
                 _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl)
                 _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl)
-            elif lay.wq_c is not None:
+            elif s.fold_q is None and lay.wq_c is not None:
                 q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
                 a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
                 _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
                 h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
             f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
-            h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)
+            if lnfold and i + 1 < len(self.layers):  # the next layer's input, beside its attention output
+                cat = new(rows, 2 * D)
+                h = _gemv(f, lay.fc2, res=h, out=cat[:, D:], prefetch=pf(lay.fc2), pdl=pdl)
+            else:
+                h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)
         return _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl)
 
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
@@ -1242,7 +1324,10 @@ class FastMusicgen:
             s.ck[i].copy_(kv[0])
             s.cv[i].copy_(kv[1])
             if s.fold_q is not None:
-                _fold_cross_attention(s.ck[i, 0], s.cv[i, 0], lay.wq_c, lay.wo_c, s.fold_q[i], s.fold_o[i])
+                lnf = s.fold_r is not None
+                _fold_cross_attention(s.ck[i, 0], s.cv[i, 0], lay.wq_c, lay.wo_c, s.fold_q[i], s.fold_o[i],
+                                      ln=lay.ln2, wo_self=lay.wo, fold_r=s.fold_r[i] if lnf else None,
+                                      fold_b=s.fold_b[i] if lnf else None)
 
     # ------------------------------------------------------------------------------------------ generate
     def generate_codes(self, req: CodesRequest, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@ timed without their barriers, are already as slow as the whole kernel step: one 
 of W in flight from registers (a chunk and the next, 16-64 KB per SM), where the separate kernels get several
 programs per SM from the hardware. Triton 3.6 does not software-pipeline loads that feed no tl.dot; a version whose
 GEMVs are tl.dot over K steps (pipelined into shared memory) is the next thing to try. Kept, with the barrier
-(also used by lib/lstm.py) and the interpreter tests, as that attempt's base.
+(also used by lib/lstm.py) and the interpreter tests, as that attempt's base. (Session 7: asking L2 for the next
+phases' weights by bulk prefetch, which holds no registers, made it slower still:
+bench/results/persistent-step-h100-l2-prefetch.txt.)
 
 Why: at batch 1 the fused step is ~170 (small) to ~340 (medium, large) dependent kernels of 0.5-34 MB each. Even
 launched as programmatic dependents each costs ~2-3 us more than its bytes take to stream (bench/README.md, session 5),
@@ -217,7 +219,7 @@ if triton is not None:
         dead = tl.load(Err)
         if g_lo == 0:  # embedding: row r by program r
             if pid < rows:
-                _embed_row(Cur, Emb, Pe, Pos, Hs, pid, bb, V1, D, KCB, BD)
+                _embed_row(Cur, Emb, Pe, Pos, Hs, pid, bb, V1, D, D, KCB, BD)
         for l in range(n_layers):
             g = 1 + l * NPH
             if (g + NPH > g_lo) & (g < g_hi):

@@ -2,7 +2,7 @@
 before Triton is imported, hence a subprocess per case): on tiny random weights they must give what transformers /
 torch give.
 - the fused decode step (the GPU's path for one request: GEMVs with their layer norms, split self-attention, the
-  folded cross-attention, sampling), token and logit parity with transformers' generate, as test_musicgen_fast does
+  folded cross-attention with its scores GEMV before the layer norm, sampling), token and logit parity with transformers' generate, as test_musicgen_fast does
   for the eager path;
 - the persistent step (lib/musicgen_persistent.py, off by default), the same, with chunks small enough that every
   program reads several;
@@ -32,6 +32,7 @@ def run_case(*args):
 def test_decode_step_kernels_match_transformers(arch, persistent):
     res = run_case("step", arch, str(int(persistent)))
     assert res["persistent_used"] == persistent
+    assert res["cross_ln_fold_used"] == (arch == "mono")  # the scores GEMV before the norm (fold_r)
     assert res["steps"] == res["ref_steps"] > 0
     assert res["max_logit_err"] < 2e-4, res
     assert res["codes_equal"], res
@@ -52,6 +53,11 @@ def _step_case(arch, persistent):
     from test_musicgen_fast import make_request, model_for, run_reference
 
     model = model_for(arch)
+    torch.manual_seed(5)
+    for mod in model.decoder.modules():  # random norm weights and biases (built as 1 and 0), so that folding them
+        if isinstance(mod, torch.nn.LayerNorm):  # into a GEMV (the cross-attention's scores) is checked
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0.0, 0.2)
     req = make_request(model, arch, new_frames=5, batch=1)  # one request: the fold and the persistent step apply
     with pytest.MonkeyPatch.context() as monkeypatch:
         ref_codes, ref_logits = run_reference(model, req, 7, monkeypatch)
@@ -65,6 +71,7 @@ def _step_case(arch, persistent):
         ref_logits.pop(0)  # transformers 5.2x runs the prefill twice (test_musicgen_fast.assert_parity)
     slot = next(iter(fast._slots.values()))
     return dict(persistent_used=fast.persistent is not None and fast.persistent.applies(fast, slot),
+                cross_ln_fold_used=slot.fold_r is not None and not fast.persistent,
                 steps=len(logits), ref_steps=len(ref_logits),
                 max_logit_err=max((a - b).abs().max().item() for a, b in zip(logits, ref_logits)),
                 codes_equal=bool(torch.equal(codes, ref_codes)))

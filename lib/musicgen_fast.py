@@ -475,12 +475,11 @@ if triton is not None:
 
     @triton.jit
     def _row_rstd(R, D: tl.constexpr, BD: tl.constexpr, eps):
-        """1 / sqrt(var + eps) of the D values at R (fp32 statistics, two passes in registers, as a layer norm's)."""
-        d = tl.arange(0, BD)
+        """1 / sqrt(var + eps) of the D values at R, as (1, 1): a layer norm's statistics (_row_stats)."""
+        d = tl.arange(0, BD)[None, :]
         dm = d < D
         x = tl.load(R + d, mask=dm, other=0.0).to(tl.float32)
-        xc = tl.where(dm, x - tl.sum(x, axis=0) / D, 0.0)
-        return tl.rsqrt(tl.sum(xc * xc, axis=0) / D + eps)
+        return _row_stats(x, dm, D, eps)[1][:, None]
 
     @triton.jit
     def _gemv_k_step(acc, w, X, LW, LB, m, mmask, k, K, sx, mean, rstd, EVEN_K: tl.constexpr, LN: tl.constexpr):
@@ -511,10 +510,15 @@ if triton is not None:
         """Layer norm of the rows of x (BLOCK_M, BLOCK_K; the values where xm, K of them per row) with weights lw,
         lb (fp32): statistics in fp32, rounded to x's dtype as a separate layer norm kernel would."""
         xf = x.to(tl.float32)
+        mean, rstd = _row_stats(xf, xm, K, eps)
+        return ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(x.dtype)
+
+    @triton.jit
+    def _row_stats(xf, xm, K, eps):
+        """Per row of xf (fp32; its K values where xm): the mean and 1 / sqrt(var + eps), two passes in registers."""
         mean = tl.sum(xf, axis=1) / K
         xc = tl.where(xm, xf - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
-        return ((xf - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(x.dtype)
+        return mean, tl.rsqrt(tl.sum(xc * xc, axis=1) / K + eps)
 
     @triton.jit
     def _group_softmax(x, km, bias, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
@@ -1214,16 +1218,15 @@ class FastMusicgen:
                 h = hb[0::2]
             else:
                 h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
-            if s.fold_q is not None and not lnfold:  # cross-attention of row 0 as two GEMVs (the
-                # unconditioned row's is 0)
-                sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)
-                _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl)
-                _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl)
-            elif s.fold_q is None and lay.wq_c is not None:
-                q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
-                a = torch.empty(rows, H, hd, device=self.device, dtype=self.dtype)
-                _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
-                h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
+                if s.fold_q is not None:  # cross-attention of row 0 as two GEMVs (the unconditioned row's is 0)
+                    sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)
+                    _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl)
+                    _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl)
+                elif lay.wq_c is not None:
+                    q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
+                    a = new(rows, H, hd)
+                    _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
+                    h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
             f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
             if lnfold and i + 1 < len(self.layers):  # the next layer's input, beside its attention output
                 cat = new(rows, 2 * D)

@@ -306,6 +306,13 @@ def bench_size(size, secs_list, batches, hf_secs, attn_variants, log):
             te = model.text_encoder
             timed(lambda: te(input_ids=req.input_ids, attention_mask=req.attention_mask))
             _, t5 = timed(lambda: te(input_ids=req.input_ids, attention_mask=req.attention_mask).last_hidden_state)
+            # as the decoder runs it (projected): eagerly, and replayed as a CUDA graph (TEXT_GRAPHS)
+            graphs, fast.text_graphs = fast.text_graphs, False
+            eager = fast._text_states(req)[0]
+            _, t5_eager = timed(lambda: fast._text_states(req))
+            fast.text_graphs = graphs
+            fast._text_states(req)
+            graphed, t5_graph = timed(lambda: fast._text_states(req)[0])
             codes = fast.generate_codes(req, torch.Generator(device="cuda").manual_seed(0))
 
             def encodec():  # as the predictor decodes: the LSTM through lib/lstm.py
@@ -316,7 +323,10 @@ def bench_size(size, secs_list, batches, hf_secs, attn_variants, log):
                                       for i in range(2)], 1)
             timed(encodec)
             wav, dec_s = timed(encodec)
-            out["stages"] = dict(text_encoding_s=round(t5, 4), encodec_decode_30s_s=round(dec_s, 4),
+            out["stages"] = dict(text_encoding_s=round(t5, 4), text_states_eager_s=round(t5_eager, 4),
+                                 text_states_graph_s=round(t5_graph, 4), text_graph_used=fast.text_graphs,
+                                 text_graph_max_err=float((graphed.float() - eager.float()).abs().max()),
+                                 encodec_decode_30s_s=round(dec_s, 4),
                                  audio_shape=list(wav.shape))
             log(json.dumps({"size": size, "stages": out["stages"]}))
             for b in batches:

@@ -13,6 +13,8 @@ Variants:
 - gemv-N-K-BNxBKxW[+...]: the (N, K) matrices' GEMV configs in musicgen_fast.GEMV_CONFIGS replaced;
 - norm-fold-off / norm-fold-on: the cross-attention's scores GEMV after the layer norm, its own dependent kernel
   (before session 7), or beside the out projection at every width (musicgen_fast.CROSS_LN_FOLD, _MAX_D);
+- text-eager: the text encoder run eagerly (before session 8) instead of replayed as a CUDA graph
+  (musicgen_fast.TEXT_GRAPHS); the clip's wall time includes it;
 - cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
   12-token prompt then pads to 32;
 - persistent: the persistent kernel (lib/musicgen_persistent.py, off in lib), as are the p* variants below;
@@ -65,6 +67,7 @@ def configure(name):
     mf._cond_bucket = COND_BUCKET
     mf.CROSS_LN_FOLD = LN_FOLD and name != "norm-fold-off"
     mf.CROSS_LN_FOLD_MAX_D = 1 << 30 if name == "norm-fold-on" else LN_FOLD_MAX_D
+    mf.TEXT_GRAPHS = name != "text-eager"
     mf.PERSISTENT_STEP = name == "persistent" or name.startswith(("pgrid", "psplit", "pnocoop", "pnosync"))
     for key, value in PERSISTENT.items():
         setattr(mp, key, value)

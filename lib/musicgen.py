@@ -64,8 +64,8 @@ class MusicgenEngine:
     def _warm_up(self) -> None:
         """Compile the Triton kernels and capture the default CUDA graphs now, in setup: otherwise the first
         request pays for it (7.7 s on an H100 for a 3 s clip that then takes 0.03 s). With guidance for prompts of
-        up to 16, 32 and 64 tokens (the text-length buckets of most prompts: each has its own graph and, for the
-        folded cross-attention, its own kernel shapes), and without guidance."""
+        up to 16, 32 and 64 tokens (the text-length buckets of most prompts: each has its own decode-step and text
+        encoder graphs and, for the folded cross-attention, its own kernel shapes), and without guidance."""
         input_ids, mask = self._text("warm up")
         runs = [(input_ids[:, :1].repeat(1, n), 3.0) for n in (16, 32, 64)] + [(input_ids, 1.0)]
         for ids, guidance in runs:

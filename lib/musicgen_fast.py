@@ -840,6 +840,10 @@ CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_
 # out projection cost more than the dependent kernel they save
 CROSS_LN_FOLD = True
 CROSS_LN_FOLD_MAX_D = 1024
+# the text encoder (T5) as a CUDA graph per text-length bucket (FastMusicgen._text_graph): eagerly, its few hundred
+# small launches took 21-22 ms per request on an H100, replayed 2.0-2.1 ms (bench/results/musicgen-h100-session8.json,
+# text_states_eager_s / _graph_s)
+TEXT_GRAPHS = True
 # the fused step of one request as one persistent kernel (lib/musicgen_persistent.py): off, it was slower on an H100
 # (bench/README.md, session 6: 1.03 against 0.71 ms per step for small, 4.1 against 2.9 for large)
 PERSISTENT_STEP = False
@@ -920,6 +924,8 @@ class FastMusicgen:
         self.n_layers = len(self.layers)
         self._pe = torch.zeros(0, self.D)
         self._slots: dict[tuple, _Slot] = {}
+        self.text_graphs = self.graphs and TEXT_GRAPHS
+        self._text_graphs: dict[tuple, tuple] = {}  # (B, text bucket) -> the text encoder's graph (_text_graph)
         self._kv: dict[int, tuple] = {}
         self._pool = None
         self.on_logits = None  # optional callback(raw logits (rows, K*V)) per step, for the parity tests
@@ -983,6 +989,7 @@ class FastMusicgen:
         """Free every cache and graph (they are rebuilt on the next request)."""
         self._slots.clear()
         self._kv.clear()
+        self._text_graphs.clear()
         self._pool = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -1271,11 +1278,48 @@ class FastMusicgen:
         te = self.model.text_encoder
         dev = next(te.parameters()).device
         ids, mask = req.input_ids.to(dev), req.attention_mask.to(dev)
-        hs = te(input_ids=ids, attention_mask=mask).last_hidden_state
+        hs = self._text_graph(te, ids, mask) if self.text_graphs and dev.type == "cuda" else None
+        if hs is None:
+            hs = te(input_ids=ids, attention_mask=mask).last_hidden_state
         proj = getattr(self.model, "enc_to_dec_proj", None)
         if proj is not None:
             hs = proj(hs)
         return hs, mask
+
+    def _text_graph(self, te, ids, mask):
+        """The text encoder's last hidden state (B, S, ...) from a CUDA graph per (B, text-length bucket), the
+        tokens padded with masked zeros (which change no real position's output: every attention masks them).
+        None where capture fails (then the encoder runs eagerly from then on)."""
+        B, S = ids.shape
+        key = (B, _cond_bucket(S, self.cond_block))
+        entry = self._text_graphs.get(key)
+        if entry is None:
+            pad_ids = torch.zeros(key, dtype=ids.dtype, device=ids.device)
+            pad_mask = torch.zeros(key, dtype=mask.dtype, device=ids.device)
+            pad_ids[:, :S], pad_mask[:, :S] = ids, mask
+            try:
+                stream = torch.cuda.Stream(ids.device)
+                stream.wait_stream(torch.cuda.current_stream(ids.device))
+                with torch.cuda.stream(stream):  # warm-up run (lazy init) off the capture
+                    te(input_ids=pad_ids, attention_mask=pad_mask)
+                torch.cuda.current_stream(ids.device).wait_stream(stream)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._pool):
+                    out = te(input_ids=pad_ids, attention_mask=pad_mask).last_hidden_state
+            except Exception as e:  # pragma: no cover (GPU): an encoder that cannot be captured runs as it is
+                warnings.warn(f"MusicGen: the text encoder could not be captured as a CUDA graph ({e}); running it eagerly")
+                self._text_graphs.clear()
+                self.text_graphs = False
+                return None
+            entry = self._text_graphs[key] = (g, pad_ids, pad_mask, out)
+        g, pad_ids, pad_mask, out = entry
+        pad_ids.zero_()
+        pad_mask.zero_()
+        pad_ids[:, :S], pad_mask[:, :S] = ids, mask
+        g.replay()
+        return out[:, :S].clone()
 
     def _melody_prefix(self, req: CodesRequest, cfg: bool) -> torch.Tensor:
         """(rows, chroma_length + S, D): [projected chroma, text] as MusicgenMelody's generate builds it."""

@@ -2,10 +2,10 @@
 before Triton is imported, hence a subprocess per case): on tiny random weights they must give what transformers /
 torch give.
 - the fused decode step (the GPU's path for one request: GEMVs with their layer norms, split self-attention, the
-  folded cross-attention with its scores GEMV before the layer norm, sampling), token and logit parity with transformers' generate, as test_musicgen_fast does
-  for the eager path;
-- the persistent step (lib/musicgen_persistent.py, off by default), the same, with chunks small enough that every
-  program reads several;
+  folded cross-attention with its scores GEMV before the layer norm, sampling), token and logit parity with
+  transformers' generate, as test_musicgen_fast does for the eager path: mono and stereo (8 codebooks);
+- the persistent step (lib/musicgen_persistent.py, off by default), the same for melody, with chunks small enough that
+  every program reads several;
 - EnCodec's LSTM as one launch per layer (lib/lstm.py) against torch.nn.LSTM."""
 import json
 import os
@@ -28,11 +28,12 @@ def run_case(*args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch,persistent", [("mono", False), ("stereo", True), ("melody", True)])
+@pytest.mark.parametrize("arch,persistent", [("mono", False), ("stereo", False), ("melody", True)])
 def test_decode_step_kernels_match_transformers(arch, persistent):
     res = run_case("step", arch, str(int(persistent)))
     assert res["persistent_used"] == persistent
-    assert res["cross_ln_fold_used"] == (arch == "mono")  # the scores GEMV before the norm (fold_r)
+    # the scores GEMV before the norm (fold_r)
+    assert res["cross_ln_fold_used"] == (arch != "melody" and not persistent)
     assert res["steps"] == res["ref_steps"] > 0
     assert res["max_logit_err"] < 2e-4, res
     assert res["codes_equal"], res

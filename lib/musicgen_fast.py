@@ -841,8 +841,8 @@ CROSS_FOLD = True  # the fused step's cross-attention as two GEMVs (_fold_cross_
 CROSS_LN_FOLD = True
 CROSS_LN_FOLD_MAX_D = 1024
 # the text encoder (T5) as a CUDA graph per text-length bucket (FastMusicgen._text_graph): eagerly, its few hundred
-# small launches took 21-22 ms per request on an H100, replayed 2.0-2.1 ms (bench/results/musicgen-h100-session8.json,
-# text_states_eager_s / _graph_s)
+# small launches took 10-22 ms per request on an H100 (it moves with the host), replayed 1.9-2.1 ms
+# (bench/results/musicgen-h100-session8*.json, text_states_eager_s / _graph_s)
 TEXT_GRAPHS = True
 # the fused step of one request as one persistent kernel (lib/musicgen_persistent.py): off, it was slower on an H100
 # (bench/README.md, session 6: 1.03 against 0.71 ms per step for small, 4.1 against 2.9 for large)
@@ -1308,6 +1308,8 @@ class FastMusicgen:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self._pool):
                     out = te(input_ids=pad_ids, attention_mask=pad_mask).last_hidden_state
+            except torch.cuda.OutOfMemoryError:  # the request fails as any out-of-memory does (generate_codes)
+                raise
             except Exception as e:  # pragma: no cover (GPU): an encoder that cannot be captured runs as it is
                 warnings.warn(f"MusicGen: the text encoder could not be captured as a CUDA graph ({e}); running it eagerly")
                 self._text_graphs.clear()

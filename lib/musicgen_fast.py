@@ -1256,20 +1256,30 @@ class FastMusicgen:
         if g is not None:
             return g
         state = [t.clone() for t in (s.cur, s.kv_pos, s.col, s.noise_i)]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up run (lazy init), then restore the state it advanced
+
+        def warm_up():  # a step, then the state it advanced restored
             self._decode_step(s, kv_len, cfg, mode)
             for t, saved in zip((s.cur, s.kv_pos, s.col, s.noise_i), state):
                 t.copy_(saved)
+
+        g, _ = self._capture(warm_up, lambda: self._decode_step(s, kv_len, cfg, mode))
+        s.graphs[key] = g
+        return g
+
+    def _capture(self, warm_up, run):
+        """(a CUDA graph of run(), run()'s output inside it), in this decoder's memory pool, after warm_up() (lazy
+        initialization, compilation) on a side stream."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            warm_up()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            self._decode_step(s, kv_len, cfg, mode)
-        s.graphs[key] = g
-        return g
+            out = run()
+        return g, out
 
     # ------------------------------------------------------------------------------------------ conditioning
     @torch.inference_mode()
@@ -1278,7 +1288,7 @@ class FastMusicgen:
         te = self.model.text_encoder
         dev = next(te.parameters()).device
         ids, mask = req.input_ids.to(dev), req.attention_mask.to(dev)
-        hs = self._text_graph(te, ids, mask) if self.text_graphs and dev.type == "cuda" else None
+        hs = self._text_graph(te, ids, mask) if self.text_graphs and dev == self.device else None
         if hs is None:
             hs = te(input_ids=ids, attention_mask=mask).last_hidden_state
         proj = getattr(self.model, "enc_to_dec_proj", None)
@@ -1292,22 +1302,21 @@ class FastMusicgen:
         None where capture fails (then the encoder runs eagerly from then on)."""
         B, S = ids.shape
         key = (B, _cond_bucket(S, self.cond_block))
-        entry = self._text_graphs.get(key)
+        entry = self._text_graphs.get(key)  # (graph, its output, its padded inputs)
         if entry is None:
             pad_ids = torch.zeros(key, dtype=ids.dtype, device=ids.device)
             pad_mask = torch.zeros(key, dtype=mask.dtype, device=ids.device)
-            pad_ids[:, :S], pad_mask[:, :S] = ids, mask
+        else:
+            g, out, pad_ids, pad_mask = entry
+        pad_ids.zero_()
+        pad_mask.zero_()
+        pad_ids[:, :S], pad_mask[:, :S] = ids, mask
+        if entry is None:
+            def encode():
+                return te(input_ids=pad_ids, attention_mask=pad_mask).last_hidden_state
+
             try:
-                stream = torch.cuda.Stream(ids.device)
-                stream.wait_stream(torch.cuda.current_stream(ids.device))
-                with torch.cuda.stream(stream):  # warm-up run (lazy init) off the capture
-                    te(input_ids=pad_ids, attention_mask=pad_mask)
-                torch.cuda.current_stream(ids.device).wait_stream(stream)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._pool):
-                    out = te(input_ids=pad_ids, attention_mask=pad_mask).last_hidden_state
+                g, out = self._capture(encode, encode)
             except torch.cuda.OutOfMemoryError:  # the request fails as any out-of-memory does (generate_codes)
                 raise
             except Exception as e:  # pragma: no cover (GPU): an encoder that cannot be captured runs as it is
@@ -1315,11 +1324,7 @@ class FastMusicgen:
                 self._text_graphs.clear()
                 self.text_graphs = False
                 return None
-            entry = self._text_graphs[key] = (g, pad_ids, pad_mask, out)
-        g, pad_ids, pad_mask, out = entry
-        pad_ids.zero_()
-        pad_mask.zero_()
-        pad_ids[:, :S], pad_mask[:, :S] = ids, mask
+            self._text_graphs[key] = (g, out, pad_ids, pad_mask)
         g.replay()
         return out[:, :S].clone()
 

@@ -13,6 +13,12 @@ Variants:
 - gemv-N-K-BNxBKxW[+...]: the (N, K) matrices' GEMV configs in musicgen_fast.GEMV_CONFIGS replaced;
 - norm-fold-off / norm-fold-on: the cross-attention's scores GEMV after the layer norm, its own dependent kernel
   (before session 7), or beside the out projection at every width (musicgen_fast.CROSS_LN_FOLD, _MAX_D);
+- early-off: every GEMV lets the next kernel launch only once past its own wait (before session 9), instead of at
+  its start where the next kernel is a GEMV (musicgen_fast.GEMV_EARLY);
+- attn-early-off: only GEMVs followed by a GEMV let it launch at their start (musicgen_fast.ATTN_EARLY off);
+- attn-early-PART[+PART]: those parts of ATTN_EARLY (qkv, attn, heads) at every width (ATTN_EARLY_MIN_D 0);
+- sample-pdl-off: the sampling kernel and the counters launched normally (musicgen_fast.SAMPLE_PDL);
+- sample-wW: the sampling kernel in W warps (musicgen_fast.SAMPLE_WARPS);
 - text-eager: the text encoder run eagerly (before session 8) instead of replayed as a CUDA graph
   (musicgen_fast.TEXT_GRAPHS); the clip's wall time includes it;
 - cond32: text lengths bucketed by multiples of 32 tokens (before session 5) instead of powers of two: the benchmark's
@@ -40,6 +46,8 @@ PERSISTENT = dict(CHUNK_ELEMS=mp.CHUNK_ELEMS, NUM_WARPS=mp.NUM_WARPS, SPLIT=mp.S
                   BARRIERS=mp.BARRIERS, PROGRAMS_PER_SM=mp.PROGRAMS_PER_SM, MAXNREG=mp.MAXNREG)
 GEMV_CONFIGS, COND_BUCKET = dict(mf.GEMV_CONFIGS), mf._cond_bucket
 LN_FOLD, LN_FOLD_MAX_D = mf.CROSS_LN_FOLD, mf.CROSS_LN_FOLD_MAX_D
+SAMPLE_PDL, SAMPLE_WARPS = mf.SAMPLE_PDL, mf.SAMPLE_WARPS
+GEMV_EARLY, ATTN_EARLY, ATTN_EARLY_MIN_D = mf.GEMV_EARLY, mf.ATTN_EARLY, mf.ATTN_EARLY_MIN_D
 sizes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["small", "large"]
 names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [
     "full", "no-self-attn", "splits16-bt32", "splits16-bt64", "splits4-bt64", "no-topk"]
@@ -68,6 +76,12 @@ def configure(name):
     mf.CROSS_LN_FOLD = LN_FOLD and name != "norm-fold-off"
     mf.CROSS_LN_FOLD_MAX_D = 1 << 30 if name == "norm-fold-on" else LN_FOLD_MAX_D
     mf.TEXT_GRAPHS = name != "text-eager"
+    mf.SAMPLE_PDL, mf.SAMPLE_WARPS = SAMPLE_PDL, SAMPLE_WARPS
+    mf.GEMV_EARLY = GEMV_EARLY and name != "early-off"
+    mf.ATTN_EARLY = () if name in ("early-off", "attn-early-off") else ATTN_EARLY
+    mf.ATTN_EARLY_MIN_D = ATTN_EARLY_MIN_D
+    if name.startswith("attn-early-") and name != "attn-early-off":  # attn-early-PART[+PART]: those at every width
+        mf.ATTN_EARLY, mf.ATTN_EARLY_MIN_D = tuple(name[len("attn-early-"):].split("+")), 0
     mf.PERSISTENT_STEP = name == "persistent" or name.startswith(("pgrid", "psplit", "pnocoop", "pnosync"))
     for key, value in PERSISTENT.items():
         setattr(mp, key, value)
@@ -86,6 +100,10 @@ def configure(name):
         for part in name.split("+"):
             _, n, k, cfg = part.split("-")
             mf.GEMV_CONFIGS[(int(n), int(k))] = tuple(int(v) for v in cfg.split("x"))
+    elif name == "sample-pdl-off":
+        mf.SAMPLE_PDL = False
+    elif name.startswith("sample-w"):
+        mf.SAMPLE_WARPS = int(name[len("sample-w"):])
     elif name == "cond32":
         mf._cond_bucket = lambda n, block: mf._round_up(n, block)
     elif name == "no-attn-pdl":
@@ -102,17 +120,20 @@ res = {}
 for size in sizes:
     model = build(size)
     steps = decoding_steps(4, secs * 50)
+    first = None  # the first variant's codes: variants that change no arithmetic must give the same tokens
     for name in names:
         top_k = configure(name)
         fast = mf.FastMusicgen(model, "cuda", torch.float16)
         try:
-            _, dt = clip_wall(fast, secs, top_k=top_k)
+            codes, dt = clip_wall(fast, secs, top_k=top_k)
         except Exception as e:  # one variant failing (e.g. a launch this driver refuses) must not end the run
             res[f"{size}.{name}"] = dict(error=f"{type(e).__name__}: {e}"[:300])
             print(size, name, res[f"{size}.{name}"], flush=True)
             continue
+        first = codes if first is None else first
         res[f"{size}.{name}"] = dict(wall_s=round(dt, 3), ms_per_step=round(dt / steps * 1000, 3),
-                                     persistent=fast.persistent is not None, **compiled_stats())
+                                     persistent=fast.persistent is not None,
+                                     tokens_equal_first=bool(torch.equal(codes, first)), **compiled_stats())
         print(size, name, res[f"{size}.{name}"], flush=True)
         del fast
         torch.cuda.empty_cache()

@@ -162,21 +162,24 @@ if triton is not None:
                                   dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _attn_dependent_start(K, V, kv_off, n_keys, sk_t, ELT: tl.constexpr):
+    def _attn_dependent_start(K, V, kv_off, n_keys, sk_t, ELT: tl.constexpr, EARLY: tl.constexpr = False):
         """A programmatic-dependent attention kernel's start: ask L2 for this program's keys and values (positions
         [0, n_keys) from kv_off, written by earlier steps or the request's setup, never by the previous kernel),
-        wait for the previous kernel, then let the next kernel launch."""
+        wait for the previous kernel, then let the next kernel launch (EARLY: before all that, _gemv_kernel's)."""
+        if EARLY:
+            gdc_launch_dependents()
         if n_keys > 0:
             _prefetch_l2(K + kv_off, n_keys * sk_t * ELT)
             _prefetch_l2(V + kv_off, n_keys * sk_t * ELT)
         gdc_wait()
-        gdc_launch_dependents()
+        if not EARLY:
+            gdc_launch_dependents()
 
     @triton.jit
     def _decode_attn_kernel(Q, K, V, O, Bias, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, so_r, so_h, sb_r,
                             skn_r, skn_h, n_static, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
                             SELF: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr = False,
-                            PDL: tl.constexpr = False, ELT: tl.constexpr = 2):
+                            PDL: tl.constexpr = False, ELT: tl.constexpr = 2, EARLY: tl.constexpr = False):
         """One query per (row, head) against a KV cache, online softmax in fp32. SELF: the keys are the
         cache's positions [0, pos) plus the new key/value (KN, VN), which are also written at `pos`.
         Otherwise (cross-attention) the keys are [0, n_static) with an additive bias per row. TRIGGER: let a
@@ -185,7 +188,7 @@ if triton is not None:
         r = tl.program_id(0)
         h = tl.program_id(1)
         if PDL:
-            _attn_dependent_start(K, V, r * sk_r + h * sk_h, n_static, sk_t, ELT)
+            _attn_dependent_start(K, V, r * sk_r + h * sk_h, n_static, sk_t, ELT, EARLY)
         elif TRIGGER:
             gdc_launch_dependents()
         d = tl.arange(0, HD)
@@ -245,11 +248,15 @@ if triton is not None:
 
     @triton.jit
     def _split_partial_preloaded(Q, K, V, Part, Pos, r, h, sp, nh, sq_r, sq_h, sk_r, sk_h, sk_t, scale,
-                                 HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr, ELT: tl.constexpr):
+                                 HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr, ELT: tl.constexpr,
+                                 EARLY: tl.constexpr = False):
         """_split_partial as a programmatic dependent: the split's first block of keys and values (written by
         earlier steps, never by the previous kernel) is loaded into registers before the wait, the rest of its
         span (only past NSPLIT * BLOCK_T positions) asked of L2; after the wait only the query is read before
-        the scores. Same sums in the same order as _split_partial."""
+        the scores. Same sums in the same order as _split_partial. EARLY: the next kernel may launch at once
+        (_gemv_kernel's EARLY), else once past the wait."""
+        if EARLY:
+            gdc_launch_dependents()
         d = tl.arange(0, HD)
         kb, vb, n, lo, hi = _split_span(K, V, Pos, r, h, sp, sk_r, sk_h, BLOCK_T, NSPLIT)
         t = lo + tl.arange(0, BLOCK_T)
@@ -260,7 +267,8 @@ if triton is not None:
             _prefetch_l2(kb + (lo + BLOCK_T) * sk_t, (hi - lo - BLOCK_T) * sk_t * ELT)
             _prefetch_l2(vb + (lo + BLOCK_T) * sk_t, (hi - lo - BLOCK_T) * sk_t * ELT)
         gdc_wait()
-        gdc_launch_dependents()
+        if not EARLY:
+            gdc_launch_dependents()
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
         acc, m_i, l_i = _attend_block(tl.sum(k.to(tl.float32) * q[None, :], axis=1), v, valid,
                                       tl.zeros([HD], dtype=tl.float32), tl.full([], -1e30, tl.float32),
@@ -327,7 +335,7 @@ if triton is not None:
 
 
 def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0, nsplit=8, trigger=False,
-                   pdl=False):
+                   pdl=False, early=False):
     """q, kn, vn, out: (rows, H, hd) views with unit last stride; kc, vc: (rows, H, T, hd).
     Self-attention (pos given): split over the cache in `nsplit` programs per head (flash-decoding), then
     merged with the new key/value, which is written at `pos`. Cross-attention: one program per head."""
@@ -349,7 +357,8 @@ def _triton_attend(q, kc, vc, out, *, pos=None, kn=None, vn=None, bias=None, n=0
         kc.stride(2), out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         kn.stride(0) if self_attn else 0, kn.stride(1) if self_attn else 0, n, hd ** -0.5,
         HD=hd, BLOCK_T=64, SELF=self_attn, HAS_BIAS=bias is not None, TRIGGER=trigger, PDL=pdl and not self_attn,
-        ELT=kc.element_size(), num_warps=4, **({"launch_pdl": True} if pdl and not self_attn else {}))
+        ELT=kc.element_size(), EARLY=early and pdl and not self_attn, num_warps=4,
+        **({"launch_pdl": True} if pdl and not self_attn else {}))
     return out
 
 
@@ -368,7 +377,7 @@ if triton is not None:
                      LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
                      ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
                      GROUP: tl.constexpr = 1, LATE: tl.constexpr = False, LNSTAT_D: tl.constexpr = 0,
-                     LNSTAT_BD: tl.constexpr = 1):
+                     LNSTAT_BD: tl.constexpr = 1, EARLY: tl.constexpr = False):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
@@ -391,8 +400,13 @@ if triton is not None:
         the kernel after it still follows both. It runs alongside the previous kernel instead of after it.
         LNSTAT_D (with SOFTMAX): the scores arrive without their layer norm (_fold_cross_attention's fold_r): the
         program takes the statistics of the D = LNSTAT_D values at R (the normed row, which is also the residual)
-        and makes them scores * rstd + LB[k] (fold_b) before the softmax."""
+        and makes them scores * rstd + LB[k] (fold_b) before the softmax.
+        EARLY (with PDL): the next kernel reads nothing before its wait but constants (a GEMV's weights): it may
+        launch at once, before this one's wait, and ask for its weights while this one's are still arriving (a
+        chain of such GEMVs streams weights two or more kernels ahead)."""
         pid = tl.program_id(0)
+        if PDL and EARLY:
+            gdc_launch_dependents()
         if PREFETCH:
             lane = pid * 128 + tl.arange(0, 128)
             off = tl.minimum(lane.to(tl.int64) * pf_chunk, pf_last)
@@ -416,7 +430,8 @@ if triton is not None:
             if PDL:
                 if not LATE:
                     gdc_wait()
-                gdc_launch_dependents()
+                if not EARLY:
+                    gdc_launch_dependents()
             xm = mmask[:, None] & km[None, :]
             x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
             if RES:
@@ -435,7 +450,8 @@ if triton is not None:
                              eviction_policy="evict_first")
                 if not LATE:
                     gdc_wait()
-                gdc_launch_dependents()
+                if not EARLY:
+                    gdc_launch_dependents()
             if LN:
                 s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
@@ -533,7 +549,8 @@ if triton is not None:
     @triton.jit
     def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
                                 so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr,
-                                TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, ELT: tl.constexpr = 2):
+                                TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, ELT: tl.constexpr = 2,
+                                EARLY: tl.constexpr = False):
         """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
         (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
         the new key/value at `pos` and resets the counter. TRIGGER: as _decode_attn_kernel's. PDL: launched as a
@@ -545,7 +562,7 @@ if triton is not None:
         if PDL:
             q, kb, vb, n, rh = _split_partial_preloaded(Q, K, V, Part, Pos, r, h, tl.program_id(2),
                                                         tl.num_programs(1), sq_r, sq_h, sk_r, sk_h, sk_t, scale,
-                                                        HD, BLOCK_T, NSPLIT, ELT)
+                                                        HD, BLOCK_T, NSPLIT, ELT, EARLY)
         else:
             if TRIGGER:
                 gdc_launch_dependents()
@@ -589,14 +606,25 @@ if triton is not None:
 
     @triton.jit
     def _sample_kernel(L, Noise, NoiseI, Delay, Col, Seq, Cur, Scale, Temp, TopK, bb, KCB, V, sl, sn_c, sd_b, sd_k,
-                       CFG: tl.constexpr, USE_TEMP: tl.constexpr, USE_TOPK: tl.constexpr, BLOCK_V: tl.constexpr):
+                       CFG: tl.constexpr, USE_TEMP: tl.constexpr, USE_TOPK: tl.constexpr, BLOCK_V: tl.constexpr,
+                       PDL: tl.constexpr = False):
         """One (batch, codebook) row: CFG mix of the fp32 logits, / temperature, top-k (k-th largest kept,
-        ties too), softmax, exponential race with this step's noise row, delay mask, write seq and cur."""
+        ties too), softmax, exponential race with this step's noise row, delay mask, write seq and cur.
+        PDL: launched as a programmatic dependent of the heads' GEMV: the noise row and the delay mask's value
+        (written by the previous step's counters and the host's noise draw, never in this step) are read before
+        the wait, the logits after it."""
         j = tl.program_id(0)
         b = j // KCB
         kc = j % KCB
         v = tl.arange(0, BLOCK_V)
         vm = v < V
+        ni = tl.load(NoiseI)
+        noise = tl.load(Noise + ni * sn_c + j * V + v, mask=vm, other=1.0)
+        col = tl.load(Col)
+        forced = tl.load(Delay + b * sd_b + kc * sd_k + col)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         lg = tl.load(L + b * sl + kc * V + v, mask=vm, other=0.0).to(tl.float32)
         if CFG:
             un = tl.load(L + (b + bb) * sl + kc * V + v, mask=vm, other=0.0).to(tl.float32)
@@ -611,20 +639,20 @@ if triton is not None:
         mx = tl.max(lg, axis=0)
         e = tl.exp(lg - mx)
         p = e / tl.sum(e, axis=0)
-        ni = tl.load(NoiseI)
-        noise = tl.load(Noise + ni * sn_c + j * V + v, mask=vm, other=1.0)
         noise = tl.maximum(noise, 1.1754943508222875e-38)
         ratio = tl.where(vm, p / noise, -1.0)
         tok = tl.argmax(ratio, axis=0, tie_break_left=True)
-        col = tl.load(Col)
-        forced = tl.load(Delay + b * sd_b + kc * sd_k + col)
         new = tl.where(forced == -1, tok.to(tl.int64), forced)
         tl.store(Seq + b * sd_b + kc * sd_k + col, new)
         tl.store(Cur + j, new)
 
     @triton.jit
-    def _advance_kernel(A, B, C, Z, ZERO: tl.constexpr = False):
-        """The step's counters + 1; ZERO: the persistent step's barrier count back to 0."""
+    def _advance_kernel(A, B, C, Z, ZERO: tl.constexpr = False, PDL: tl.constexpr = False):
+        """The step's counters + 1; ZERO: the persistent step's barrier count back to 0. PDL: launched as a
+        programmatic dependent of the sampling kernel (which reads the counters): it waits for it first."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         tl.store(A, tl.load(A) + 1)
         tl.store(B, tl.load(B) + 1)
         tl.store(C, tl.load(C) + 1)
@@ -676,6 +704,18 @@ def _gemv_config_k_steps(M, N, K, elt):
 
 GEMV_PDL = True  # the fused step's GEMVs as programmatic dependents where supported (_gemv_kernel's PDL; step_variants)
 ATTN_PDL = True  # with GEMV_PDL, the attention kernels as programmatic dependents too (bench/step_variants.py)
+# with GEMV_PDL, a GEMV followed by a GEMV lets it launch at its own start (_gemv_kernel's EARLY): the weights of
+# the next kernel and the one after are asked for while this one waits
+GEMV_EARLY = True
+# with GEMV_EARLY, the same for these kernels ("qkv": the qkv GEMV, whose next kernel, the self-attention, asks for
+# the cache below pos before its wait; "heads": the heads' GEMV, whose next kernel, the sampling, reads the counters
+# and the noise; "attn": the attention kernels) in models at least ATTN_EARLY_MIN_D wide. Safe because no kernel of a
+# step launches before the previous step's last one has finished: a step is a CUDA graph of its own, whose first
+# kernel, the embedding, is a normal launch (eagerly too). Measured on an H100 (30 s clips, same run,
+# bench/results/musicgen-h100-session9-ablation.txt): all three made large 1.2% faster (2.865 -> 2.825 ms per step),
+# small 3% and medium 1.5% slower; "attn" alone gave most of large's gain and cost medium 0.6%
+ATTN_EARLY = ("qkv", "attn", "heads")
+ATTN_EARLY_MIN_D = 2048
 GEMV_ONE_PASS = True  # _gemv_kernel's ONE_PASS where BLOCK_K covers K (bench/step_variants.py compares it off)
 PREFETCH_OK = None  # whether the L2 bulk prefetch compiles and runs here (checked once, on first use)
 
@@ -695,12 +735,13 @@ def _prefetch_ok(device) -> bool:
 
 
 def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=None, prefetch=None, pdl=False,
-          softmax=None, lnstat=None, late=False):
+          softmax=None, lnstat=None, late=False, early=False):
     """x (M, K) rows with unit last stride, w (N, K) contiguous -> (M, N), see _gemv_kernel.
     prefetch: (tensor, nbytes) to pull into L2 for the next kernel (contiguous from its start).
     softmax: (bias (group,) fp32, group): x (1, K) are scores, softmax-ed per group of keys with the bias added.
     lnstat (with softmax): (K,) fp32: the scores are x * rstd(res) + lnstat (_gemv_kernel's LNSTAT_D).
-    late (with pdl): reads nothing the previous kernel writes (_gemv_kernel's LATE)."""
+    late (with pdl): reads nothing the previous kernel writes (_gemv_kernel's LATE).
+    early (with pdl): the next kernel reads only constants before its wait (_gemv_kernel's EARLY; GEMV_EARLY)."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
@@ -732,18 +773,19 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         GROUP=softmax[1] if softmax is not None else 1, LATE=late and pdl,
         LNSTAT_D=res.shape[1] if lnstat is not None else 0,
         LNSTAT_BD=triton.next_power_of_2(res.shape[1]) if lnstat is not None else 1,
-        num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        EARLY=early and pdl and GEMV_EARLY and not late, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
 def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False, pdl=False, block_t=64,
-                       num_warps=4):
+                       num_warps=4, early=False):
     rows, H, hd = q.shape
     part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
     _self_attn_fused_kernel[(rows, H, nsplit)](
         q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
-        HD=hd, BLOCK_T=block_t, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), num_warps=num_warps,
+        HD=hd, BLOCK_T=block_t, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), EARLY=early and pdl,
+        num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -844,6 +886,11 @@ CROSS_LN_FOLD_MAX_D = 1024
 # small launches took 10-22 ms per request on an H100 (it moves with the host), replayed 1.9-2.1 ms
 # (bench/results/musicgen-h100-session8*.json, text_states_eager_s / _graph_s)
 TEXT_GRAPHS = True
+# the sampling kernel and the counters launched as programmatic dependents (_sample_kernel's PDL; small 0.5% faster
+# per step, medium and large within noise: bench/results/musicgen-h100-session9-ablation.txt), and the sampling
+# kernel's warps
+SAMPLE_PDL = True
+SAMPLE_WARPS = 8
 # the fused step of one request as one persistent kernel (lib/musicgen_persistent.py): off, it was slower on an H100
 # (bench/README.md, session 6: 1.03 against 0.71 ms per step for small, 4.1 against 2.9 for large)
 PERSISTENT_STEP = False
@@ -1176,12 +1223,14 @@ class FastMusicgen:
             if persistent:
                 s.pstep["bar"][0].zero_()
             return
+        pdl = SAMPLE_PDL and GEMV_PDL and not persistent and _pdl_ok(self.device)
         _sample_kernel[(bb * self.K,)](
             logits, s.noise, s.noise_i, s.delay, s.col, s.seq, s.cur, s.scale, s.temp, s.top_k, bb, self.K,
             self.V, logits.stride(0), s.noise.stride(0), s.delay.stride(0), s.delay.stride(1),
-            CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), num_warps=8)
+            CFG=cfg, USE_TEMP=use_temp, USE_TOPK=use_topk, BLOCK_V=triton.next_power_of_2(self.V), PDL=pdl,
+            num_warps=SAMPLE_WARPS, **({"launch_pdl": True} if pdl else {}))
         _advance_kernel[(1,)](s.col, s.noise_i, s.kv_pos, s.pstep["bar"] if persistent else s.col, ZERO=persistent,
-                              num_warps=1)
+                              PDL=pdl, num_warps=1, **({"launch_pdl": True} if pdl else {}))
 
     def _logits_fused(self, s: _Slot) -> torch.Tensor:
         """The step's logits (rows, K*V) as ~7-8 kernels per layer (_decode_step_fused)."""
@@ -1200,6 +1249,7 @@ class FastMusicgen:
         attn_pdl = pdl and ATTN_PDL and hd * torch.finfo(self.dtype).bits // 8 % 16 == 0
         _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, h.stride(0), KCB=self.K,
                                BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
+        early = ATTN_EARLY if D >= ATTN_EARLY_MIN_D else ()
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
         order = [w for lay in self.layers for w in (lay.wqkv, lay.wo, lay.wq_c, lay.wo_c, lay.fc1, lay.fc2)
                  if w is not None] + [self.heads]
@@ -1209,11 +1259,12 @@ class FastMusicgen:
             return (nxt[id(w)], pfb) if pfb and id(w) in nxt else None
 
         for i, lay in enumerate(self.layers):
-            qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl).view(rows, 3, H, hd)
+            qkv = _gemv(h, lay.wqkv, ln=lay.ln1, eps=eps, prefetch=pf(lay.wqkv), pdl=pdl,
+                        early="qkv" in early).view(rows, 3, H, hd)
             a = cat[:, :D].view(rows, H, hd) if lnfold else new(rows, H, hd)
             _self_attend_fused(qkv[:, 0], s.k[i], s.v[i], a, s.kv_pos, qkv[:, 1], qkv[:, 2], s.cnt, trigger=pdl,
                                pdl=attn_pdl, nsplit=SELF_ATTN_SPLIT[0], block_t=SELF_ATTN_SPLIT[1],
-                               num_warps=SELF_ATTN_SPLIT[2])
+                               num_warps=SELF_ATTN_SPLIT[2], early="attn" in early)
             if lnfold:  # cross-attention of row 0 folded, its scores GEMV beside the out projection (late: it
                 # waits for the projection only at its end), the softmax GEMV taking the norm's rstd from hb[1]
                 hb = new(rows + 1, D)
@@ -1221,26 +1272,31 @@ class FastMusicgen:
                 sc = torch.empty(1, s.fold_r.shape[1], device=self.device, dtype=torch.float32)
                 _gemv(cat[:1], s.fold_r[i], out=sc, pdl=pdl, late=True)
                 _gemv(sc, s.fold_o[i], res=hb[1:2], out=hb[:1], softmax=(s.cbias[0], s.cond_len),
-                      lnstat=s.fold_b[i], pdl=pdl)
+                      lnstat=s.fold_b[i], pdl=pdl, early=True)
                 h = hb[0::2]
             else:
-                h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl)
+                # early: the next kernel is a GEMV (the scores, the query or, with no cross-attention, fc1)
+                h = _gemv(a.view(rows, D), lay.wo, res=h, prefetch=pf(lay.wo), pdl=pdl, early=True)
                 if s.fold_q is not None:  # cross-attention of row 0 as two GEMVs (the unconditioned row's is 0)
                     sc = torch.empty(1, s.fold_q.shape[1], device=self.device, dtype=torch.float32)
-                    _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl)
-                    _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl)
+                    _gemv(h[:1], s.fold_q[i], ln=lay.ln2, eps=eps, out=sc, pdl=pdl, early=True)
+                    _gemv(sc, s.fold_o[i], res=h[:1], out=h[:1], softmax=(s.cbias[0], s.cond_len), pdl=pdl,
+                          early=True)
                 elif lay.wq_c is not None:
-                    q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl).view(rows, H, hd)
+                    # early: the cross-attention asks only for the request's text keys / values before its wait
+                    q = _gemv(h, lay.wq_c, ln=lay.ln2, eps=eps, prefetch=pf(lay.wq_c), pdl=pdl,
+                              early=True).view(rows, H, hd)
                     a = new(rows, H, hd)
-                    _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl)
-                    h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl)
-            f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl)
+                    _triton_attend(q, s.ck[i], s.cv[i], a, bias=s.cbias, n=s.cond_len, trigger=pdl, pdl=attn_pdl,
+                                   early="attn" in early)
+                    h = _gemv(a.view(rows, D), lay.wo_c, res=h, prefetch=pf(lay.wo_c), pdl=pdl, early=True)
+            f = _gemv(h, lay.fc1, ln=lay.ln3, eps=eps, gelu=True, prefetch=pf(lay.fc1), pdl=pdl, early=True)
             if lnfold and i + 1 < len(self.layers):  # the next layer's input, beside its attention output
                 cat = new(rows, 2 * D)
-                h = _gemv(f, lay.fc2, res=h, out=cat[:, D:], prefetch=pf(lay.fc2), pdl=pdl)
-            else:
-                h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl)
-        return _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl)
+                h = _gemv(f, lay.fc2, res=h, out=cat[:, D:], prefetch=pf(lay.fc2), pdl=pdl, early=True)
+            else:  # the next kernel: the next layer's qkv or the heads
+                h = _gemv(f, lay.fc2, res=h, prefetch=pf(lay.fc2), pdl=pdl, early=True)
+        return _gemv(h, self.heads, ln=self.ln_f, eps=eps, pdl=pdl, early="heads" in early)
 
     def _decode_step(self, s: _Slot, kv_len: int, cfg: bool, mode: tuple):
         if self.fused and self.fused_step and s.rows <= self.fused_max_rows:

@@ -29,7 +29,9 @@ if triton is not None:
         """Gate k's pre-activations (BLOCK_B, U) out of pre (BLOCK_B, 4, U)."""
         return tl.sum(tl.where(gate[None, :, None] == k, pre, 0.0), axis=1)
 
-    @triton.jit
+    # the frame range is not specialized on (Triton would compile another variant for a clip of a multiple of 16
+    # frames, mid-service)
+    @triton.jit(do_not_specialize=["t_lo", "t_hi"])
     def _lstm_layer_kernel(XG, Whh, Y, Hbuf, Cbuf, Bar, Err, B, t_lo, t_hi, sxg_t, sy_t, C: tl.constexpr,
                            U: tl.constexpr, BC: tl.constexpr, BLOCK_B: tl.constexpr, SYNC: tl.constexpr):
         """Frames t_lo .. t_hi - 1 of one LSTM layer for hidden units [pid * U, (pid + 1) * U). XG (T, B, 4C) fp32:

@@ -65,14 +65,17 @@ class MusicgenEngine:
         """Compile the Triton kernels and capture the default CUDA graphs now, in setup: otherwise the first
         request pays for it (7.7 s on an H100 for a 3 s clip that then takes 0.03 s). With guidance for prompts of
         up to 16, 32 and 64 tokens (the text-length buckets of most prompts: each has its own decode-step and text
-        encoder graphs and, for the folded cross-attention, its own kernel shapes), and without guidance."""
+        encoder graphs and, for the folded cross-attention, its own kernel shapes), and without guidance. Then
+        EnCodec decodes the codes once, which compiles its LSTM kernel (lib/lstm.py): the first request paid that,
+        0.14 s from Triton's disk cache and 0.77 s without it on an H100 (bench/first_request_probe.py)."""
         input_ids, mask = self._text("warm up")
         runs = [(input_ids[:, :1].repeat(1, n), 3.0) for n in (16, 32, 64)] + [(input_ids, 1.0)]
         for ids, guidance in runs:
             req = CodesRequest(input_ids=ids, attention_mask=torch.ones_like(ids) if guidance > 1 else mask,
                                new_frames=8,
                                sampling=Sampling(top_k=min(250, self.codebook_size), guidance_scale=guidance))
-            self.fast.generate_codes(req, torch.Generator(device=self.device).manual_seed(0))
+            codes = self.fast.generate_codes(req, torch.Generator(device=self.device).manual_seed(0))
+        self.decode_codes(codes)
 
     # -- stages ---------------------------------------------------------------------------------------
 

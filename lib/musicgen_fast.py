@@ -390,7 +390,7 @@ if triton is not None:
         PDL: launched as a programmatic dependent of the previous kernel (Hopper+): it asks for its W tile (in
         several K steps, the first step's) and the norm's weights (which no kernel of the step writes) before it
         waits for the previous kernel's results, so that its launch and its weights' latency overlap that kernel;
-        once past the wait it lets the next kernel launch (one kernel waiting at a time).
+        once past the wait it lets the next kernel launch (one kernel waiting at a time; EARLY: at its start).
         SOFTMAX (ONE_PASS, one row): x is fp32 scores of consecutive groups of GROUP keys (one group per head); the
         program adds LW[k % GROUP] (the keys' additive mask) and takes the softmax of each group before the product:
         the output half of the folded cross-attention (_fold_cross_attention).

@@ -1249,7 +1249,7 @@ class FastMusicgen:
         attn_pdl = pdl and ATTN_PDL and hd * torch.finfo(self.dtype).bits // 8 % 16 == 0
         _embed_kernel[(rows,)](s.cur, self.emb, self._pe, s.kv_pos, h, bb, self.V + 1, D, h.stride(0), KCB=self.K,
                                BLOCK=triton.next_power_of_2(D), TRIGGER=pdl, num_warps=4)
-        early = ATTN_EARLY if D >= ATTN_EARLY_MIN_D else ()
+        early = ATTN_EARLY if GEMV_EARLY and D >= ATTN_EARLY_MIN_D else ()
         pfb = self.prefetch_bytes if self.prefetch_bytes and _prefetch_ok(self.device) else 0
         order = [w for lay in self.layers for w in (lay.wqkv, lay.wo, lay.wq_c, lay.wo_c, lay.fc1, lay.fc2)
                  if w is not None] + [self.heads]

@@ -295,7 +295,7 @@ CARVEOUT = 100
 VECS_PER_THREAD = 8  # a row's 16-byte vectors per thread and stage, at most (sets threads per row)
 _MAXS, _MAXM = 16, 4
 _lock = threading.Lock()
-_modules: dict = {}  # (device index, dtype) -> (function, sm count) or an Exception
+_modules: dict = {}  # (device index, key) -> (functions, SMs, shared memory a program may have) or an Exception
 
 
 class _LaunchAttr(ctypes.Structure):
@@ -318,9 +318,9 @@ _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 def _nvrtc() -> ctypes.CDLL:
     """NVRTC: the library torch's CUDA wheels ship (nvidia/cuda_nvrtc or nvidia/cu13), else the system's."""
     major = (torch.version.cuda or "12").split(".")[0]
-    names = [f"libnvrtc.so.{major}", "libnvrtc.so"]
-    for base in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        names = sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*"))) + names
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    names = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*"))) + [f"libnvrtc.so.{major}",
+                                                                                          "libnvrtc.so"]
     errors = []
     for name in names:
         if "builtins" in name or "alt" in os.path.basename(name):
@@ -439,19 +439,8 @@ def launch(fn, grid: int, threads: int, smem: int, args: list, device, pdl: bool
     _check(cu, cu.cuLaunchKernelEx(ctypes.byref(cfg), fn, params, None), "cuLaunchKernelEx")
 
 
-def available(device, dtype) -> bool:
-    """Whether stream_gemv runs on `device` for weights of `dtype` (compiles the kernel on first call)."""
-    device = torch.device(device)
-    if device.type != "cuda" or dtype not in ELT_CODES:
-        return False
-    try:
-        _function(device, dtype)
-        return True
-    except Exception:
-        return False
-
-
 def unavailable_reason(device, dtype) -> str | None:
+    """Why stream_gemv cannot run on `device` for weights of `dtype`, or None (compiles the kernel on first call)."""
     try:
         _function(torch.device(device), dtype)
         return None
@@ -468,7 +457,8 @@ def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def plan(M: int, N: int, K: int, elt: int, sms: int, smem_max: int, *, ln: bool = False, ring_bytes: int | None = None,
          ctas_per_sm: int | None = None, vecs_per_thread: int | None = None, threads: int | None = None):
-    """(grid, threads per row, ring stages, x bytes, shared memory bytes) for an M x K by N x K GEMV."""
+    """(grid, threads per row, ring stages, x bytes, shared memory bytes, threads per program) for an M x K by N x K
+    GEMV."""
     ring_bytes = RING_BYTES if ring_bytes is None else ring_bytes
     ctas_per_sm = CTAS_PER_SM if ctas_per_sm is None else ctas_per_sm
     vpt = VECS_PER_THREAD if vecs_per_thread is None else vecs_per_thread

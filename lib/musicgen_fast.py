@@ -151,6 +151,13 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _stamp(Tr, i):
+        """Diagnostic (StepTrace): the global timer in ns at Tr[i], stored by the program's threads."""
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [tl.full([], 0, tl.int32)], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+        tl.store(Tr + i, t)
+
+    @triton.jit
     def _prefetch_l2(P, nbytes):
         """Ask L2 for bytes [0, nbytes) from P (a multiple of 16, 16-byte aligned): 16 bulk prefetches, none past
         the end."""
@@ -249,12 +256,12 @@ if triton is not None:
     @triton.jit
     def _split_partial_preloaded(Q, K, V, Part, Pos, r, h, sp, nh, sq_r, sq_h, sk_r, sk_h, sk_t, scale,
                                  HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr, ELT: tl.constexpr,
-                                 EARLY: tl.constexpr = False):
+                                 EARLY: tl.constexpr = False, Tr=None, TRACE: tl.constexpr = False):
         """_split_partial as a programmatic dependent: the split's first block of keys and values (written by
         earlier steps, never by the previous kernel) is loaded into registers before the wait, the rest of its
         span (only past NSPLIT * BLOCK_T positions) asked of L2; after the wait only the query is read before
         the scores. Same sums in the same order as _split_partial. EARLY: the next kernel may launch at once
-        (_gemv_kernel's EARLY), else once past the wait."""
+        (_gemv_kernel's EARLY), else once past the wait. TRACE: the global timer past the wait at Tr (StepTrace)."""
         if EARLY:
             gdc_launch_dependents()
         d = tl.arange(0, HD)
@@ -269,6 +276,8 @@ if triton is not None:
         gdc_wait()
         if not EARLY:
             gdc_launch_dependents()
+        if TRACE:
+            _stamp(Tr, 0)
         q = tl.load(Q + r * sq_r + h * sq_h + d).to(tl.float32) * scale
         acc, m_i, l_i = _attend_block(tl.sum(k.to(tl.float32) * q[None, :], axis=1), v, valid,
                                       tl.zeros([HD], dtype=tl.float32), tl.full([], -1e30, tl.float32),
@@ -372,12 +381,12 @@ def _triton_layer_norm(x, w, b, eps):
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(X, W, Y, R, LW, LB, PF, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
+    def _gemv_kernel(X, W, Y, R, LW, LB, PF, Tr, M, N, K, sx, sy, sr, eps, pf_chunk, pf_last,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      LN: tl.constexpr, GELU: tl.constexpr, RES: tl.constexpr, PREFETCH: tl.constexpr,
                      ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False, SOFTMAX: tl.constexpr = False,
                      GROUP: tl.constexpr = 1, LATE: tl.constexpr = False, LNSTAT_D: tl.constexpr = 0,
-                     LNSTAT_BD: tl.constexpr = 1, EARLY: tl.constexpr = False):
+                     LNSTAT_BD: tl.constexpr = 1, EARLY: tl.constexpr = False, TRACE: tl.constexpr = False):
         """Y[m, n] = sum_k x[m, k] W[n, k] for a few rows m (decode: the CFG pair), reading W once, row-major
         (N, K), 16-byte loads along K. LN: x = layer_norm(X) computed here (per-row stats in fp32, rounded to
         X's dtype as the separate layer norm would). GELU: exact erf GELU of the (rounded) product.
@@ -403,8 +412,12 @@ if triton is not None:
         and makes them scores * rstd + LB[k] (fold_b) before the softmax.
         EARLY (with PDL): the next kernel reads nothing before its wait but constants (a GEMV's weights): it may
         launch at once, before this one's wait, and ask for its weights while this one's are still arriving (a
-        chain of such GEMVs streams weights two or more kernels ahead)."""
+        chain of such GEMVs streams weights two or more kernels ahead).
+        TRACE (diagnostic, StepTrace): the program stores the global timer at Tr[3 pid] (its start), Tr[3 pid + 1]
+        (past its wait) and Tr[3 pid + 2] (its end)."""
         pid = tl.program_id(0)
+        if TRACE:
+            _stamp(Tr, 3 * pid)
         if PDL and EARLY:
             gdc_launch_dependents()
         if PREFETCH:
@@ -432,6 +445,8 @@ if triton is not None:
                     gdc_wait()
                 if not EARLY:
                     gdc_launch_dependents()
+            if TRACE:
+                _stamp(Tr, 3 * pid + 1)
             xm = mmask[:, None] & km[None, :]
             x = tl.load(X + m[:, None] * sx + kk[None, :], mask=xm, other=0.0)
             if RES:
@@ -452,6 +467,8 @@ if triton is not None:
                     gdc_wait()
                 if not EARLY:
                     gdc_launch_dependents()
+            if TRACE:
+                _stamp(Tr, 3 * pid + 1)
             if LN:
                 s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
@@ -488,6 +505,8 @@ if triton is not None:
             _gemv_epilogue(acc, r if RES else acc, Y, m, n, mmask[:, None], sy, GELU, RES)
         if LATE:
             gdc_wait()
+        if TRACE:
+            _stamp(Tr, 3 * pid + 2)
 
     @triton.jit
     def _row_rstd(R, D: tl.constexpr, BD: tl.constexpr, eps):
@@ -547,22 +566,25 @@ if triton is not None:
         return tl.reshape(e / tl.sum(e, axis=2)[:, :, None], (BLOCK_M, BLOCK_K))
 
     @triton.jit
-    def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r, skn_h,
-                                so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, NSPLIT: tl.constexpr,
-                                TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False, ELT: tl.constexpr = 2,
-                                EARLY: tl.constexpr = False):
+    def _self_attn_fused_kernel(Q, K, V, Part, Cnt, O, Pos, KN, VN, Tr, sq_r, sq_h, sk_r, sk_h, sk_t, skn_r,
+                                skn_h, so_r, so_h, scale, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                                NSPLIT: tl.constexpr, TRIGGER: tl.constexpr = False, PDL: tl.constexpr = False,
+                                ELT: tl.constexpr = 2, EARLY: tl.constexpr = False, TRACE: tl.constexpr = False):
         """Flash-decoding in one launch: program (row, head, split) runs _split_partial; the last split of a
         (row, head) to finish (atomic counter) merges them with the new key/value, writes the output, writes
         the new key/value at `pos` and resets the counter. TRIGGER: as _decode_attn_kernel's. PDL: launched as a
         programmatic dependent, the split's first block of keys / values in registers before the wait
         (_split_partial_preloaded; the cache below `pos` was written by earlier steps, and `pos` advanced by the
-        previous step)."""
+        previous step). TRACE: as _gemv_kernel's, program (row, head, split) at 3 ((row H + head) NSPLIT + split)."""
         r = tl.program_id(0)
         h = tl.program_id(1)
+        tp = Tr + 3 * ((r * tl.num_programs(1) + h) * NSPLIT + tl.program_id(2))
+        if TRACE:
+            _stamp(tp, 0)
         if PDL:
             q, kb, vb, n, rh = _split_partial_preloaded(Q, K, V, Part, Pos, r, h, tl.program_id(2),
                                                         tl.num_programs(1), sq_r, sq_h, sk_r, sk_h, sk_t, scale,
-                                                        HD, BLOCK_T, NSPLIT, ELT, EARLY)
+                                                        HD, BLOCK_T, NSPLIT, ELT, EARLY, tp + 1, TRACE)
         else:
             if TRIGGER:
                 gdc_launch_dependents()
@@ -579,6 +601,8 @@ if triton is not None:
             tl.store(kb + n * sk_t + d, kn)
             tl.store(vb + n * sk_t + d, vn)
             tl.atomic_xchg(Cnt + rh, 0)
+        if TRACE:
+            _stamp(tp, 2)
 
     @triton.jit
     def _embed_kernel(Cur, Emb, Pe, Pos, Hout, bb, V1, D, sh, KCB: tl.constexpr, BLOCK: tl.constexpr,
@@ -759,6 +783,9 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         lb = lnstat
     r = res if res is not None else out
     grid = triton.cdiv(N, bn)
+    trace = STEP_TRACE is not None
+    tr = STEP_TRACE.take(f"gemv {N}x{K}" + " ln" * (ln is not None) + " gelu" * gelu + " softmax" * (softmax is not None)
+                         + " late" * late, grid) if trace else out
     pf, chunk, last = w, 16, 0
     if prefetch is not None and prefetch[1] >= 16:
         pf, nbytes = prefetch
@@ -766,14 +793,15 @@ def _gemv(x, w, *, ln=None, eps=1e-5, gelu=False, res=None, out=None, config=Non
         chunk = max(16, nbytes // (grid * 128) // 16 * 16)
         last = nbytes - chunk
     _gemv_kernel[(grid,)](
-        x, w, out, r, lw, lb, pf, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
+        x, w, out, r, lw, lb, pf, tr, M, N, K, x.stride(0), out.stride(0), r.stride(0), eps, chunk, last,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, LN=ln is not None,
         GELU=gelu, RES=res is not None, PREFETCH=prefetch is not None and prefetch[1] >= 16,
         ONE_PASS=(GEMV_ONE_PASS or softmax is not None) and bk >= K, PDL=pdl, SOFTMAX=softmax is not None,
         GROUP=softmax[1] if softmax is not None else 1, LATE=late and pdl,
         LNSTAT_D=res.shape[1] if lnstat is not None else 0,
         LNSTAT_BD=triton.next_power_of_2(res.shape[1]) if lnstat is not None else 1,
-        EARLY=early and pdl and GEMV_EARLY and not late, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        EARLY=early and pdl and GEMV_EARLY and not late, TRACE=trace, num_warps=nw,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -781,13 +809,39 @@ def _self_attend_fused(q, kc, vc, out, pos, kn, vn, cnt, nsplit=8, trigger=False
                        num_warps=4, early=False):
     rows, H, hd = q.shape
     part = torch.empty(rows, H, nsplit, hd + 2, device=q.device, dtype=torch.float32)
+    trace = STEP_TRACE is not None and pdl  # the wait's stamp is in the preloading (PDL) form only
+    tr = STEP_TRACE.take("self-attention", rows * H * nsplit) if trace else out
     _self_attn_fused_kernel[(rows, H, nsplit)](
-        q, kc, vc, part, cnt, out, pos, kn, vn, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
+        q, kc, vc, part, cnt, out, pos, kn, vn, tr, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
+        kc.stride(2), kn.stride(0), kn.stride(1), out.stride(0), out.stride(1), hd ** -0.5,
         HD=hd, BLOCK_T=block_t, NSPLIT=nsplit, TRIGGER=trigger, PDL=pdl, ELT=kc.element_size(), EARLY=early and pdl,
-        num_warps=num_warps,
+        TRACE=trace, num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+class StepTrace:
+    """Diagnostic (bench/trace_step.py; off unless STEP_TRACE is set before a FastMusicgen captures its graphs): the
+    fused step's GEMV and self-attention programs store the global timer (ns) at their start, once past their wait
+    and at their end. `launches` lists the last step's traced launches in order as (name, offset, programs); program
+    i's three stamps are buf[offset + 3 i : offset + 3 i + 3]. A replayed graph writes where its capture did."""
+
+    def __init__(self, device, capacity: int = 1 << 21):
+        self.buf = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.launches: list = []
+        self.used = 0
+
+    def reset(self):
+        self.launches, self.used = [], 0
+
+    def take(self, name: str, programs: int) -> torch.Tensor:
+        off, self.used = self.used, self.used + 3 * programs
+        assert self.used <= self.buf.numel(), "StepTrace buffer too small"
+        self.launches.append((name, off, programs))
+        return self.buf[off:]
+
+
+STEP_TRACE: StepTrace | None = None
 
 
 def _pdl_ok(device) -> bool:
@@ -1241,6 +1295,8 @@ class FastMusicgen:
         # input of the scores GEMV (fold_r); h after the out projection in rows 1.. of hb, after the cross-attention
         # (row 0 only) in hb's row 0: so hb[0::2] is every row's h after both
         lnfold = s.fold_r is not None
+        if STEP_TRACE is not None:
+            STEP_TRACE.reset()
         cat = new(rows, 2 * D) if lnfold else None
         h = cat[:, D:] if lnfold else new(rows, D)
         pdl = GEMV_PDL and _pdl_ok(self.device)  # GEMVs launched as programmatic dependents, see _gemv_kernel

@@ -525,6 +525,8 @@ struct Phase { const T* X; const T* W; T* Y; long long sx, sy; int N, K; };
 #define F_NO_COMPUTE 1
 #define F_NO_BARRIER 2
 #define F_CP_ASYNC 4  // the producer warp copies with 16-byte cp.async per lane instead of one bulk copy (TMA)
+#define F_X_SCALAR 8  // x read as one 2-byte load at a time (session 10's measurements) instead of all at once
+#define XV_MAX 8  // 16-byte vectors of x per consumer thread: M * K <= 8 * 256 * 8 (2 rows of 8192)
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
@@ -625,12 +627,31 @@ extern "C" __global__ void __launch_bounds__(288) stream_chain(
             }
             consumers_sync();
         }
-        for (int m = 0; m < M; m++)
-            for (int k = tid; k < K; k += 256) {  // L2, not L1: other SMs wrote it in this launch
-                unsigned short v;
-                asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(ph.X + m * ph.sx + k));
-                xs[m * K + k] = v;
+        if (flags & F_X_SCALAR) {  // as measured in session 10: one 2-byte load in flight per thread at a time
+            for (int m = 0; m < M; m++)
+                for (int k = tid; k < K; k += 256) {  // L2, not L1: other SMs wrote it in this launch
+                    unsigned short v;
+                    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(ph.X + m * ph.sx + k));
+                    xs[m * K + k] = v;
+                }
+        } else {  // every 16-byte load of x issued before the first store: one L2 round trip per phase
+            const int kv8 = K / 8, nv = M * kv8;
+            uint4 xv[XV_MAX];
+            #pragma unroll
+            for (int j = 0; j < XV_MAX; j++) {
+                const int i = tid + j * 256;
+                if (i < nv) {
+                    const T* src = ph.X + (i / kv8) * ph.sx + (i % kv8) * 8;
+                    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(xv[j].x), "=r"(xv[j].y), "=r"(xv[j].z), "=r"(xv[j].w) : "l"(src));
+                }
             }
+            #pragma unroll
+            for (int j = 0; j < XV_MAX; j++) {
+                const int i = tid + j * 256;
+                if (i < nv) ((uint4*)xs)[i] = xv[j];
+            }
+        }
         consumers_sync();
         const int r = tid / tpr, li = tid % tpr;
         for (int s = 0; s < nst; s++, g++) {
@@ -697,8 +718,10 @@ def chain_table(steps):
         max(w.shape[1] for _, w, _ in steps), len(steps)
 
 
-def stream_chain(table, M: int, done, *, slot_kb: int = 24, no_compute=False, no_barrier=False, cp_async=False):
-    """Runs a chain_table as one persistent launch (see _CHAIN_SOURCE). `done`: a zeroed int32 counter."""
+def stream_chain(table, M: int, done, *, slot_kb: int = 24, no_compute=False, no_barrier=False, cp_async=False,
+                 x_scalar=False):
+    """Runs a chain_table as one persistent launch (see _CHAIN_SOURCE). `done`: a zeroed int32 counter.
+    x_scalar: each phase's x read one 2-byte load at a time (as session 10 measured it)."""
     table, K_max, n = table
     dev = table.device
     (fn,), sms, smem_max = load(dev, "stream_chain", _CHAIN_SOURCE, ["stream_chain"])
@@ -708,5 +731,7 @@ def stream_chain(table, M: int, done, *, slot_kb: int = 24, no_compute=False, no
     smem = 1024 + xs + nslots * slot
     args = [ctypes.c_void_p(table.data_ptr()), ctypes.c_int(n), ctypes.c_void_p(done.data_ptr()),
             ctypes.c_int(M), ctypes.c_int(slot), ctypes.c_int(nslots), ctypes.c_int(xs),
-            ctypes.c_int((1 if no_compute else 0) | (2 if no_barrier else 0) | (4 if cp_async else 0))]
+            ctypes.c_int((1 if no_compute else 0) | (2 if no_barrier else 0) | (4 if cp_async else 0)
+                         | (8 if x_scalar else 0))]
+    assert M * K_max <= 8 * 256 * 8 and K_max % 8 == 0, "x must fit XV_MAX 16-byte vectors per consumer thread"
     launch(fn, sms, 288, smem, args, dev)

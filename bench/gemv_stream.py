@@ -14,8 +14,10 @@ Writes gemv-stream.json and .log to $OUT (or here). Parts (all by default):
    thread and row (v4: x held in registers), threads per program; n: the weights only streamed in, no products
    (wrong output: the streaming's own time).
 3. persistent: the same matrices as plain GEMVs (no prologues / epilogues) in one stream_chain launch, against the
-   Triton chain of the same plain GEMVs. Variants pSLOT_KB[n][b][c]: slot KB; n: no products; b: no barriers
-   between the phases (wrong output: the stream's own rate); c: cp.async by the producer warp instead of bulk copies.
+   Triton chain of the same plain GEMVs. Variants pSLOT_KB[n][b][c][x]: slot KB; n: no products; b: no barriers
+   between the phases (wrong output: the stream's own rate); c: cp.async by the producer warp instead of bulk copies;
+   x: each phase's x read by one 2-byte load at a time (session 10's measurements; since session 11 every load of x
+   is issued before the first store).
 4. single: one 201 / 268 MB GEMV alone, each way, with nothing interrupting the stream.
 5. trace: twelve of medium's fc1 as a chain of stream_gemv with per-program timestamps (see `traces`)."""
 import json
@@ -260,7 +262,7 @@ def persistent_chains(sizes, variants, log):
     """Part 3: the same layers as plain GEMVs (no norms, GELU or residuals), each layer's qkv -> out projection (of
     qkv's first D) -> fc1 -> fc2, then the heads: the Triton chain (programmatic dependents, early) against
     cg.stream_chain, one persistent launch (variants: pSLOT_KB[n: no products][b: no barriers][c: cp.async, not
-    bulk copies])."""
+    bulk copies][x: x read one 2-byte load at a time])."""
     out = {}
     for size in sizes:
         D, L = SIZES[size]
@@ -287,13 +289,14 @@ def persistent_chains(sizes, variants, log):
             f"{nbytes / ms / 1e9:.2f} TB/s)")
         for v in variants:
             body = v[1:]
-            nb, nc, ca = "b" in body, "n" in body, "c" in body
-            slot = int(body.replace("b", "").replace("n", "").replace("c", ""))
+            nb, nc, ca, xs = "b" in body, "n" in body, "c" in body, "x" in body
+            slot = int(body.replace("b", "").replace("n", "").replace("c", "").replace("x", ""))
             done = torch.zeros(1, device="cuda", dtype=torch.int32)
 
             def run():
                 done.zero_()
-                cg.stream_chain(table, 2, done, slot_kb=slot, no_compute=nc, no_barrier=nb, cp_async=ca)
+                cg.stream_chain(table, 2, done, slot_kb=slot, no_compute=nc, no_barrier=nb, cp_async=ca,
+                                x_scalar=xs)
                 return steps[-1][2]
             try:
                 ms, y = time_graph(run)

@@ -525,7 +525,7 @@ struct Phase { const T* X; const T* W; T* Y; long long sx, sy; int N, K; };
 #define F_NO_COMPUTE 1
 #define F_NO_BARRIER 2
 #define F_CP_ASYNC 4  // the producer warp copies with 16-byte cp.async per lane instead of one bulk copy (TMA)
-#define F_X_SCALAR 8  // x read as one 2-byte load at a time (session 10's measurements) instead of all at once
+#define F_X_SCALAR 8  // x read in 2-byte loads (session 10's measurements) instead of 16-byte ones issued up front
 #define XV_MAX 8  // 16-byte vectors of x per consumer thread: M * K <= 8 * 256 * 8 (2 rows of 8192)
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -627,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(288) stream_chain(
             }
             consumers_sync();
         }
-        if (flags & F_X_SCALAR) {  // as measured in session 10: one 2-byte load in flight per thread at a time
+        if (flags & F_X_SCALAR) {  // as measured in session 10: 2-byte loads, M * K / 256 of them per thread
             for (int m = 0; m < M; m++)
                 for (int k = tid; k < K; k += 256) {  // L2, not L1: other SMs wrote it in this launch
                     unsigned short v;
@@ -721,7 +721,7 @@ def chain_table(steps):
 def stream_chain(table, M: int, done, *, slot_kb: int = 24, no_compute=False, no_barrier=False, cp_async=False,
                  x_scalar=False):
     """Runs a chain_table as one persistent launch (see _CHAIN_SOURCE). `done`: a zeroed int32 counter.
-    x_scalar: each phase's x read one 2-byte load at a time (as session 10 measured it)."""
+    x_scalar: each phase's x read in 2-byte loads (as session 10 measured it)."""
     table, K_max, n = table
     dev = table.device
     (fn,), sms, smem_max = load(dev, "stream_chain", _CHAIN_SOURCE, ["stream_chain"])

@@ -16,8 +16,8 @@ Writes gemv-stream.json and .log to $OUT (or here). Parts (all by default):
 3. persistent: the same matrices as plain GEMVs (no prologues / epilogues) in one stream_chain launch, against the
    Triton chain of the same plain GEMVs. Variants pSLOT_KB[n][b][c][x]: slot KB; n: no products; b: no barriers
    between the phases (wrong output: the stream's own rate); c: cp.async by the producer warp instead of bulk copies;
-   x: each phase's x read by one 2-byte load at a time (session 10's measurements; since session 11 every load of x
-   is issued before the first store).
+   x: each phase's x read in 2-byte loads (session 10's measurements; since session 11 in 16-byte loads, every one
+   issued before the first store).
 4. single: one 201 / 268 MB GEMV alone, each way, with nothing interrupting the stream.
 5. trace: twelve of medium's fc1 as a chain of stream_gemv with per-program timestamps (see `traces`)."""
 import json
@@ -262,7 +262,7 @@ def persistent_chains(sizes, variants, log):
     """Part 3: the same layers as plain GEMVs (no norms, GELU or residuals), each layer's qkv -> out projection (of
     qkv's first D) -> fc1 -> fc2, then the heads: the Triton chain (programmatic dependents, early) against
     cg.stream_chain, one persistent launch (variants: pSLOT_KB[n: no products][b: no barriers][c: cp.async, not
-    bulk copies][x: x read one 2-byte load at a time])."""
+    bulk copies][x: x read in 2-byte loads])."""
     out = {}
     for size in sizes:
         D, L = SIZES[size]

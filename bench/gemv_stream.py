@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cuda_stream as cg  # noqa: E402
+from gemv_sweep import time_graph  # noqa: E402
 import lib.musicgen_fast as mf  # noqa: E402
 
 SIZES = {"small": (1024, 24), "medium": (1536, 48), "large": (2048, 48)}
@@ -100,24 +101,6 @@ def chain(gemv, layers, heads, lnf, h0):
         f = gemv(h, lay["fc1"], ln=lay["ln3"], gelu=True, pdl=True, early=True)
         h = gemv(f, lay["fc2"], res=h, pdl=True, early=True)
     return gemv(h, heads, ln=lnf, pdl=True, early=True)
-
-
-def time_graph(fn, reps=30):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    ts = []
-    for _ in range(reps):
-        e0.record(); g.replay(); e1.record(); torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ts.sort()
-    return ts[len(ts) // 2], out
 
 
 def parse_variant(v):

@@ -39,23 +39,29 @@ def operands(N, K, rows, device="cuda"):
     return ws, torch.randn(rows, K, device=device, dtype=torch.float16)
 
 
-def time_chain(fn, n_w, reps=20):
-    """us per GEMV: fn(0..n_w-1) (one weight copy each) captured as one graph, median of `reps` replays."""
-    g = torch.cuda.CUDAGraph()
-    fn(0)
+def time_graph(fn, reps=30):
+    """(median ms of `reps` replays, fn's output): fn() run once, then captured as one CUDA graph and replayed."""
+    fn()
     torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i in range(n_w):
-            fn(i)
-    g.replay()
+        out = fn()
+    for _ in range(3):
+        g.replay()
     torch.cuda.synchronize()
     e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
     ts = []
     for _ in range(reps):
         e0.record(); g.replay(); e1.record(); torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / n_w)
+        ts.append(e0.elapsed_time(e1))
     ts.sort()
-    return ts[len(ts) // 2] * 1000  # us per GEMV (launch gaps of the graph included)
+    return ts[len(ts) // 2], out
+
+
+def time_chain(fn, n_w, reps=20):
+    """us per GEMV: fn(0..n_w-1) (one weight copy each) captured as one graph, median of `reps` replays (launch gaps
+    of the graph included)."""
+    return time_graph(lambda: [fn(i) for i in range(n_w)], reps)[0] / n_w * 1000
 
 
 def main():
